@@ -1,0 +1,29 @@
+"""AMT: learned, adversarial masking for masked-LM pretraining, as a fairseq plugin.
+
+Install with scripts/setup.sh, which builds fairseq the way it must be built on current
+Python and torch (see the README). Dependencies are declared here so that `pip check` and
+other tools know them; torch is left open enough for a GPU machine's own build.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="amt-plugin",
+    version="0.1.0",
+    description="Adversarial masking for masked-language-model pretraining (fairseq plugin)",
+    packages=find_packages(include=["amt_plugin", "amt_plugin.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # fairseq 0.12.2 does not import on Python >= 3.11; fairseq-fixed is upstream main
+        # (2024-01) plus a dataclass fix. Build it with --no-build-isolation --no-deps.
+        "fairseq-fixed==0.12.3.1",
+        "torch>=2.1",
+        "numpy",
+        "sacrebleu",
+        "tensorboardX",
+        "sentencepiece",  # BPE for run.sh's corpora
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
+    ],
+    extras_require={"test": ["pytest", "ruff"]},
+)
