@@ -1,0 +1,172 @@
+"""Which positions get masked, and how: pure torch, no fairseq.
+
+Everything here works on a padded batch `tokens (B, T)` and a boolean `candidates (B, T)`
+(True = this position may be masked; never pad, bos, eos or other special symbols).
+
+- `budget`: exactly `k = max(1, round(mask_prob * n))` units per sequence of `n` candidates.
+- `word_starts` / `from_word_start`: whole-word mode, where the unit is a word and a chosen word
+  masks all of its pieces.
+- `uniform_select`: `k` units uniformly without replacement (fairseq's random masking).
+- `gumbel_top_k`: `k` units without replacement from softmax(logits / temperature), plus the
+  exact Plackett-Luce log-probability of the ordered draw (the masker's policy gradient).
+- `corrupt`: the 80/10/10 rule of BERT / fairseq's `masked_lm` (<mask> / random / unchanged).
+
+Randomness always comes from an explicit `torch.Generator`, so a draw is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Stands in for -inf on positions that cannot be drawn. A finite value keeps logcumsumexp and its
+# gradient free of inf - inf = nan; exp(NEG_INF - x) is exactly 0 in float32 for any sane logit.
+NEG_INF = -1e9
+
+
+def candidate_mask(tokens: Tensor, special_ids: Tensor) -> Tensor:
+    """Positions that may be masked. tokens (B, T) -> (B, T) bool.
+
+    special_ids: 1-D tensor of token ids that are never masked (pad, bos, eos, unk, <mask>, ...).
+    """
+    return ~torch.isin(tokens, special_ids.to(tokens.device))
+
+
+def budget(n_units: Tensor, mask_prob: float) -> Tensor:
+    """Units to mask per sequence: max(1, round(mask_prob * n)), and 0 where n == 0.
+
+    n_units (B,) long -> k (B,) long. `round` is half-to-even, like Python's.
+    """
+    k = torch.round(n_units.double() * mask_prob).long().clamp(min=1)
+    return torch.minimum(k, n_units)
+
+
+def word_starts(tokens: Tensor, candidates: Tensor, is_word_start: Tensor) -> Tensor:
+    """Positions that begin a word. (B, T) bool.
+
+    is_word_start: (V,) bool over the vocabulary (fairseq's `get_whole_word_mask`). A candidate
+    that follows a non-candidate (bos, or a block cut mid-word) also starts a word, so every
+    candidate belongs to exactly one word.
+    """
+    starts = is_word_start.to(tokens.device)[tokens] & candidates
+    after_gap = torch.ones_like(candidates)
+    after_gap[:, 1:] = ~candidates[:, :-1]
+    return candidates & (starts | after_gap)
+
+
+def from_word_start(values: Tensor, starts: Tensor) -> Tensor:
+    """Give every position the value at the start of its word. (B, T) -> (B, T).
+
+    In whole-word mode this spreads a choice made on word starts (or a draw made there) to
+    every piece of the word. Callers AND the result with the candidates where it matters.
+    """
+    B, T = starts.shape
+    pos = torch.arange(T, device=starts.device).expand(B, T)
+    # index of the word start each position belongs to: running max of start positions
+    start_of = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values  # (B, T)
+    return values.gather(1, start_of)
+
+
+def _top_k_rows(keys: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort keys (B, T) descending; return the order and a (B, T) mask of the first k[b] slots."""
+    order = keys.argsort(dim=1, descending=True, stable=True)  # (B, T)
+    slot = torch.arange(keys.size(1), device=keys.device)
+    in_top = slot.unsqueeze(0) < k.unsqueeze(1)  # (B, T), over sorted slots
+    return order, in_top
+
+
+def _scatter_slots(order: Tensor, in_top: Tensor) -> Tensor:
+    """Positions (B, T) bool that the sorted slots marked in_top point to."""
+    return torch.zeros_like(in_top).scatter(1, order, in_top)
+
+
+def uniform_select(candidates: Tensor, k: Tensor, generator: torch.Generator) -> Tensor:
+    """k[b] candidate positions per row, uniformly without replacement. (B, T) bool."""
+    noise = torch.rand(candidates.shape, generator=generator, device=candidates.device)
+    keys = torch.where(candidates, noise, torch.full_like(noise, -1.0))
+    order, in_top = _top_k_rows(keys, k)
+    return _scatter_slots(order, in_top)
+
+
+@dataclass
+class Draw:
+    """A draw of k units without replacement from a masker's distribution."""
+
+    selected: Tensor  # (B, T) bool, True = drawn
+    log_prob: Tensor  # (B,) log-probability of the ordered draw; differentiable in the logits
+    entropy: Tensor  # (B,) entropy (nats) of the single-draw distribution softmax(logits / tau)
+
+
+def masked_log_softmax(logits: Tensor, candidates: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / temperature) over the candidates of each row; NEG_INF elsewhere."""
+    scores = logits.float() / temperature
+    scores = torch.where(candidates, scores, torch.full_like(scores, NEG_INF))
+    return scores.log_softmax(dim=1)
+
+
+def gumbel_top_k(
+    logits: Tensor,
+    candidates: Tensor,
+    k: Tensor,
+    temperature: float,
+    generator: torch.Generator,
+) -> Draw:
+    """Draw k[b] candidates per row without replacement from softmax(logits / temperature).
+
+    Gumbel-top-k: the k largest of `log p_i + Gumbel noise` are distributed exactly as k
+    sequential draws without replacement (Plackett-Luce), in the order of their keys. The
+    returned log-probability is that of the ordered draw,
+
+        log P(c_1, ..., c_k) = sum_j [ s_{c_j} - logsumexp_{i not in c_<j} s_i ],  s = logits / tau,
+
+    whose score function is an unbiased estimator of the gradient of E[reward(set)].
+    """
+    log_p = masked_log_softmax(logits, candidates, temperature)  # (B, T)
+    u = torch.rand(log_p.shape, generator=generator, device=log_p.device)
+    gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+    keys = torch.where(candidates, log_p.detach() + gumbel, torch.full_like(log_p, 2 * NEG_INF))
+    order, in_top = _top_k_rows(keys, k)  # order (B, T), in_top (B, T) over slots
+
+    s_sorted = log_p.gather(1, order)  # (B, T) scores in draw order, non-candidates last
+    # logsumexp over what is still available at step j = all slots j..T-1 (a reverse cumulative)
+    remaining = s_sorted.flip(1).logcumsumexp(dim=1).flip(1)  # (B, T)
+    step_log_prob = torch.where(in_top, s_sorted - remaining, torch.zeros_like(s_sorted))
+
+    p = log_p.exp()
+    entropy = -(p * torch.where(candidates, log_p, torch.zeros_like(log_p))).sum(dim=1)
+    return Draw(_scatter_slots(order, in_top), step_log_prob.sum(dim=1), entropy)
+
+
+def corrupt(
+    tokens: Tensor,
+    mask: Tensor,
+    mask_idx: int,
+    replacement_ids: Tensor,
+    leave_unmasked_prob: float,
+    random_token_prob: float,
+    generator: torch.Generator,
+    starts: Tensor | None = None,
+) -> Tensor:
+    """The predictor's input: masked positions become <mask> / a random token / stay unchanged.
+
+    With the defaults (0.1, 0.1) that is 80/10/10, decided per position, or per word when
+    `starts` (whole-word mode) is given, as fairseq's MaskTokensDataset does.
+    replacement_ids: 1-D tensor of ids a random replacement is drawn from (no specials).
+    Returns a new (B, T) tensor; `tokens` is not modified.
+    """
+    u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    if starts is not None:  # one decision per word: every piece takes its start's draw
+        u = from_word_start(u, starts)
+    keep = mask & (u < leave_unmasked_prob)
+    randomise = mask & ~keep & (u < leave_unmasked_prob + random_token_prob)
+    to_mask = mask & ~keep & ~randomise
+
+    out = tokens.masked_fill(to_mask, mask_idx)
+    pick = torch.randint(
+        len(replacement_ids), tokens.shape, generator=generator, device=tokens.device
+    )
+    random_tokens = replacement_ids.to(tokens.device)[pick]
+    return torch.where(randomise, random_tokens, out)
+

@@ -1,0 +1,160 @@
+"""amt_plugin.masking: budgets, specials, 80/10/10, determinism, the Plackett-Luce log-prob."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from amt_plugin import masking
+
+PAD, BOS, EOS, MASK = 1, 0, 2, 99
+SPECIALS = torch.tensor([BOS, PAD, EOS, 3, MASK])
+
+
+def batch(B: int = 32, T: int = 40, seed: int = 0) -> torch.Tensor:
+    """Random rows: <s> w w ... </s> <pad> ..., lengths varying from 3 to T."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, MASK, (B, T), generator=g)
+    lengths = torch.randint(3, T + 1, (B,), generator=g)
+    tokens[:, 0] = BOS
+    for b, n in enumerate(lengths.tolist()):
+        tokens[b, n - 1] = EOS
+        tokens[b, n:] = PAD
+    return tokens
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("mask_prob", [0.15, 0.5, 0.01])
+def test_budget_is_exact_and_specials_are_never_selected(mask_prob):
+    tokens = batch()
+    cand = masking.candidate_mask(tokens, SPECIALS)
+    n = cand.sum(1)
+    k = masking.budget(n, mask_prob)
+    assert torch.equal(k, torch.round(n * mask_prob).long().clamp(min=1))
+    logits = torch.randn(tokens.shape, generator=gen(1))
+    for selected in (
+        masking.uniform_select(cand, k, gen(2)),
+        masking.gumbel_top_k(logits, cand, k, 1.0, gen(3)).selected,
+    ):
+        assert torch.equal(selected.sum(1), k)
+        assert not (selected & ~cand).any()
+        assert not torch.isin(tokens[selected], SPECIALS).any()
+
+
+def test_budget_rounds_like_python_and_has_floor_one():
+    n = torch.tensor([0, 1, 3, 10, 13, 100])
+    assert masking.budget(n, 0.15).tolist() == [0, 1, 1, 2, 2, 15]  # round(1.95)=2, 0.45->1
+    assert masking.budget(torch.tensor([10]), 0.25).tolist() == [round(2.5)]  # half to even
+
+
+def test_whole_words_are_masked_whole_and_budget_counts_words():
+    # vocabulary: ids >= 50 continue a word, ids < 50 start one
+    is_start = torch.ones(100, dtype=torch.bool)
+    is_start[50:MASK] = False
+    tokens = batch(seed=5)
+    cand = masking.candidate_mask(tokens, SPECIALS)
+    starts = masking.word_starts(tokens, cand, is_start)
+    k = masking.budget(starts.sum(1), 0.3)
+    chosen = masking.uniform_select(starts, k, gen(4))
+    mask = masking.from_word_start(chosen, starts) & cand
+    assert torch.equal(chosen.sum(1), k)
+    # a masked piece that continues a word has its predecessor masked too
+    cont = mask & ~starts
+    prev = torch.zeros_like(mask)
+    prev[:, 1:] = mask[:, :-1]
+    assert not (cont & ~prev).any()
+    # and an unmasked start is never followed by a masked continuation
+    nxt = torch.zeros_like(mask)
+    nxt[:, :-1] = mask[:, 1:] & ~starts[:, 1:]
+    assert not (nxt & ~mask & cand).any()
+
+
+def test_corruption_is_80_10_10():
+    B, T = 400, 500
+    tokens = torch.randint(4, MASK, (B, T), generator=gen(0))
+    mask = torch.rand(B, T, generator=gen(1)) < 0.5
+    replacement = torch.arange(4, MASK)
+    out = masking.corrupt(tokens, mask, MASK, replacement, 0.1, 0.1, gen(2))
+    m = mask.sum().item()
+    to_mask = (out == MASK) & mask
+    unchanged = (out == tokens) & mask
+    changed = mask & ~to_mask & ~unchanged
+    assert to_mask.sum().item() / m == pytest.approx(0.8, abs=0.005)
+    # a random replacement equals the original 1/95 of the time, so "unchanged" is ~0.1 + 0.1/95
+    assert unchanged.sum().item() / m == pytest.approx(0.1 + 0.1 / 95, abs=0.004)
+    assert changed.sum().item() / m == pytest.approx(0.1 - 0.1 / 95, abs=0.004)
+    assert torch.equal(out[~mask], tokens[~mask])  # only selected positions change
+    assert torch.isin(out[changed], replacement).all()
+
+
+def test_draws_are_deterministic_given_the_generator():
+    tokens = batch()
+    cand = masking.candidate_mask(tokens, SPECIALS)
+    k = masking.budget(cand.sum(1), 0.15)
+    logits = torch.randn(tokens.shape, generator=gen(7))
+    a = masking.gumbel_top_k(logits, cand, k, 1.0, gen(11))
+    b = masking.gumbel_top_k(logits, cand, k, 1.0, gen(11))
+    c = masking.gumbel_top_k(logits, cand, k, 1.0, gen(12))
+    assert torch.equal(a.selected, b.selected) and torch.equal(a.log_prob, b.log_prob)
+    assert not torch.equal(a.selected, c.selected)
+    u1 = masking.uniform_select(cand, k, gen(3))
+    assert torch.equal(u1, masking.uniform_select(cand, k, gen(3)))
+
+
+def brute_force_ordered(p: list[float], order: tuple[int, ...]) -> float:
+    """P(drawing `order` one by one without replacement from p), by the definition."""
+    prob, left = 1.0, list(range(len(p)))
+    for i in order:
+        prob *= p[i] / sum(p[j] for j in left)
+        left.remove(i)
+    return prob
+
+
+def test_log_prob_is_the_plackett_luce_probability_of_the_draw():
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.5, 0.0]])
+    cand = torch.tensor([[True, True, True, True, False]])
+    temperature = 0.7
+    p = torch.softmax(logits[0, :4] / temperature, 0).tolist()
+    k = torch.tensor([2])
+    counts: dict[frozenset, int] = {}
+    draws = 4000
+    for s in range(draws):
+        d = masking.gumbel_top_k(logits, cand, k, temperature, gen(s))
+        chosen = tuple(d.selected[0].nonzero().squeeze(1).tolist())
+        assert 4 not in chosen  # not a candidate
+        # the log-prob is that of one of the two orders of the chosen pair
+        options = [math.log(brute_force_ordered(p, o)) for o in itertools.permutations(chosen)]
+        assert min(abs(d.log_prob.item() - o) for o in options) < 1e-5
+        counts[frozenset(chosen)] = counts.get(frozenset(chosen), 0) + 1
+    # and the sets come out with the brute-force set probabilities
+    for pair in itertools.combinations(range(4), 2):
+        expected = sum(brute_force_ordered(p, o) for o in itertools.permutations(pair))
+        seen = counts.get(frozenset(pair), 0) / draws
+        assert seen == pytest.approx(expected, abs=4 * math.sqrt(expected / draws) + 1e-3)
+
+
+def test_single_draw_log_prob_and_entropy_match_softmax():
+    logits = torch.randn(3, 6, generator=gen(0))
+    cand = torch.ones(3, 6, dtype=torch.bool)
+    cand[0, :2] = False
+    d = masking.gumbel_top_k(logits, cand, torch.tensor([1, 1, 1]), 1.0, gen(1))
+    logp = masking.masked_log_softmax(logits, cand, 1.0)
+    assert torch.allclose(d.log_prob, logp[d.selected])
+    p = logp.exp() * cand
+    assert torch.allclose(d.entropy, -(p * logp.where(cand, torch.zeros(()))).sum(1))
+    assert torch.allclose(d.entropy[1], torch.distributions.Categorical(logits=logits[1]).entropy())
+
+
+def test_log_prob_gradient_is_finite_with_excluded_positions_and_full_budgets():
+    logits = torch.randn(4, 10, generator=gen(0), requires_grad=True)
+    cand = torch.rand(4, 10, generator=gen(1)) < 0.6
+    cand[0] = False  # a row with nothing to choose
+    k = cand.sum(1)  # everything selectable is chosen
+    d = masking.gumbel_top_k(logits, cand, k, 0.5, gen(2))
+    d.log_prob.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert torch.equal(d.selected, cand)
