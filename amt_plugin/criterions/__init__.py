@@ -1,0 +1,3 @@
+"""Criteria registered by the plugin."""
+
+from . import adversarial_masked_lm  # noqa: F401

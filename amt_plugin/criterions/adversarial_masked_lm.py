@@ -1,0 +1,345 @@
+"""Criterion `adversarial_masked_lm`: the game between the masker and the predictor.
+
+One forward, per batch of unmasked token blocks `tokens (B, T)`:
+
+1. Budget: each sequence with n selectable units (tokens, or words with --mask-whole-words)
+   gets exactly k = max(1, round(mask_prob * n)) of them masked.
+2. Choice: k_rand = round(random_share * k) units uniformly at random (exploration), then
+   k - k_rand from the masker's softmax(logits / temperature) over the rest, without
+   replacement (Gumbel-top-k), keeping log pi(S), the log-probability of that ordered draw.
+   During the first --masker-warmup-updates, and with --masking-strategy random, all k are
+   uniform: fairseq's random masking through the same code and budget.
+3. Corruption 80/10/10 (<mask> / random token / unchanged) and the predictor's forward.
+
+Objective (both players minimise their own loss; gradients never cross):
+
+    predictor:  L_pred   = sum_{i in M} CE(predictor(x~)_i, x_i)           (summed, like masked_lm)
+    masker:     L_masker = -1/B' sum_b (r_b - rbar_b) log pi(S_b) - beta * 1/B' sum_b H_b
+
+    r_b    = mean CE of the predictor on the positions the masker chose in sequence b
+             (detached: the masker maximises the predictor's loss, it does not backprop into it)
+    rbar_b = leave-one-out mean of r over the other sequences of the batch (the baseline)
+    H_b    = entropy of softmax(logits_b / temperature) over b's selectable units
+    beta   = --masker-entropy-weight;  B' = sequences where the masker chose something
+
+Stop-gradients: the predictor's input is discrete (token ids), so L_pred has no path to the
+masker; r is detached, so L_masker has no path to the predictor. The returned loss is
+L_pred + sample_size * L_masker, so that after fairseq divides every gradient by sample_size
+the predictor gets the mean token loss and the masker the mean sequence loss.
+
+Alternation: the masker trains on updates warmup, warmup + N, warmup + 2N, ... (N =
+--masker-update-freq); `groups_to_step` tells the task which parameter groups to step. On
+other updates the masker runs without an autograd graph, and its parameters enter the loss
+as `0 * sum(p)` so every parameter gets a (zero) gradient and DDP needs no
+find_unused_parameters; the optimizer then leaves the masker untouched.
+"""
+
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+from torch import Tensor
+
+from .. import masking
+
+TOP_TYPES = 100  # "frequent" = the 100 most frequent types of the dictionary
+
+
+@dataclass
+class AdversarialMaskedLMCriterionConfig(FairseqDataclass):
+    masker_temperature: float = field(
+        default=1.0, metadata={"help": "softmax temperature of the masker's choice"}
+    )
+    masker_random_share: float = field(
+        default=0.2,
+        metadata={"help": "share of each sequence's budget drawn uniformly at random "
+                  "(exploration; 1.0 = random masking)"},
+    )
+    masker_warmup_updates: int = field(
+        default=500,
+        metadata={"help": "updates of plain random masking before the masker takes over "
+                  "(the predictor first learns the easy tokens)"},
+    )
+    masker_update_freq: int = field(
+        default=1,
+        metadata={"help": "step the masker once every N predictor updates (1 = every update)"},
+    )
+    masker_entropy_weight: float = field(
+        default=0.01,
+        metadata={"help": "weight of the entropy bonus in the masker's loss (guards against "
+                  "collapse onto a few positions)"},
+    )
+    seed: int = II("common.seed")
+
+
+@register_criterion("adversarial_masked_lm", dataclass=AdversarialMaskedLMCriterionConfig)
+class AdversarialMaskedLMCriterion(FairseqCriterion):
+    """Masked-LM loss for the predictor and REINFORCE loss for the masker; see module doc."""
+
+    def __init__(self, cfg: AdversarialMaskedLMCriterionConfig, task) -> None:
+        super().__init__(task)
+        if not hasattr(task, "is_word_start"):
+            raise ValueError(
+                "--criterion adversarial_masked_lm needs --task adversarial_masked_lm "
+                "(it masks inside the criterion; other tasks mask in the dataset)"
+            )
+        if cfg.masker_temperature <= 0:
+            raise ValueError(f"--masker-temperature must be > 0, got {cfg.masker_temperature}")
+        if not 0.0 <= cfg.masker_random_share <= 1.0:
+            raise ValueError(
+                f"--masker-random-share must be in [0, 1], got {cfg.masker_random_share}"
+            )
+        if cfg.masker_update_freq < 1:
+            raise ValueError(f"--masker-update-freq must be >= 1, got {cfg.masker_update_freq}")
+        if cfg.masker_warmup_updates < 0:
+            raise ValueError("--masker-warmup-updates must be >= 0")
+        self.cfg = cfg
+        self.task_cfg = task.cfg
+        self.learned = task.cfg.masking_strategy == "learned"
+        self.mask_idx = task.mask_idx
+        self.num_updates = 0
+        self._calls_this_update = 0
+
+        d = task.source_dictionary
+        special = list(range(d.nspecial)) + [task.mask_idx]
+        special += [i for i, s in enumerate(d.symbols) if s.startswith("madeupword")]
+        special_ids = torch.tensor(sorted(set(special)), dtype=torch.long)
+        is_special = torch.zeros(len(d), dtype=torch.bool)
+        is_special[special_ids] = True
+        # Frequency rank of every type (0 = most frequent), from the dictionary's counts.
+        counts = torch.tensor(d.count, dtype=torch.float64)
+        counts[is_special] = -1.0
+        order = counts.argsort(descending=True, stable=True)
+        rank = torch.empty(len(d), dtype=torch.long)
+        rank[order] = torch.arange(len(d))
+        # Not part of any checkpoint: they are rebuilt from the dictionary.
+        self.register_buffer("special_ids", special_ids, persistent=False)
+        self.register_buffer("replacement_ids", (~is_special).nonzero().squeeze(1),
+                             persistent=False)
+        self.register_buffer("freq_rank", rank, persistent=False)
+        self.register_buffer("is_top", (rank < TOP_TYPES) & ~is_special, persistent=False)
+        ws = task.is_word_start
+        self.register_buffer("is_word_start", ws if ws is not None else torch.zeros(0),
+                             persistent=False)
+        self.whole_words = ws is not None
+
+    # --- the schedule -------------------------------------------------------------------
+
+    def set_num_updates(self, num_updates: int) -> None:
+        if num_updates != self.num_updates:
+            self._calls_this_update = 0
+        self.num_updates = num_updates
+
+    def masker_chooses(self, update_num: int) -> bool:
+        return self.learned and update_num >= self.cfg.masker_warmup_updates
+
+    def masker_trains(self, update_num: int) -> bool:
+        past = update_num - self.cfg.masker_warmup_updates
+        return self.masker_chooses(update_num) and past % self.cfg.masker_update_freq == 0
+
+    def groups_to_step(self, update_num: int) -> set[str]:
+        """Parameter groups the optimizer steps after this update (see optimizer_step)."""
+        self.set_num_updates(update_num)
+        return {"predictor", "masker"} if self.masker_trains(update_num) else {"predictor"}
+
+    def _generator(self, device: torch.device, sample: dict, training: bool) -> torch.Generator:
+        """Fresh generator per micro-batch: reproducible, resumable, different per rank.
+
+        fairseq reseeds torch with seed + num_updates on every rank alike, so masks drawn from
+        the global generator would be identical across data-parallel ranks.
+        """
+        if training:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            key = [self.cfg.seed, 0, self.num_updates, rank, self._calls_this_update]
+            self._calls_this_update += 1
+        else:  # validation: the same masks for the same samples, whatever the update
+            ids = sample["id"].tolist() if "id" in sample else [0]
+            key = [self.cfg.seed, 1, len(ids), *ids[:8]]
+        seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        return g
+
+    # --- one forward ----------------------------------------------------------------------
+
+    def forward(self, model, sample, reduce: bool = True):
+        """Returns L_pred + sample_size * L_masker (when the masker trains this update)."""
+        outcome = self.play(model, sample)
+        loss = outcome.mlm_loss
+        if outcome.masker_trains:
+            loss = loss + outcome.masker_loss * outcome.sample_size
+        masker = getattr(model, "masker", None)
+        if masker is not None and model.training and not outcome.masker_trains:
+            # every masker parameter in the graph with a zero gradient (see module docstring)
+            loss = loss + 0.0 * sum(p.sum() for p in masker.parameters())
+        return loss, outcome.sample_size, outcome.logging_output
+
+    def play(self, model, sample) -> "Outcome":
+        """One round of the game on a batch: choose, corrupt, predict, score both players."""
+        tokens = sample["net_input"]["src_tokens"]  # (B, T) unmasked
+        B = tokens.size(0)
+        g = self._generator(tokens.device, sample, model.training)
+        candidates = masking.candidate_mask(tokens, self.special_ids)  # (B, T)
+        starts = (
+            masking.word_starts(tokens, candidates, self.is_word_start)
+            if self.whole_words else None
+        )
+        units = starts if starts is not None else candidates  # what the budget counts
+        n = units.sum(dim=1)  # (B,)
+        k = masking.budget(n, self.task_cfg.mask_prob)  # (B,)
+
+        masker = getattr(model, "masker", None)
+        # Validation uses the masker whenever the strategy is learned (an untrained masker is
+        # uniform, so during warm-up that is random masking too).
+        chooses = self.learned and (not model.training or self.masker_chooses(self.num_updates))
+        trains = model.training and self.learned and self.masker_trains(self.num_updates)
+        if self.learned and masker is None:
+            raise ValueError(
+                "--masking-strategy learned needs a model with a masker: use --arch amt_tiny, "
+                "amt_small, amt_base or amt_large (or --masking-strategy random)"
+            )
+
+        draw = None
+        if chooses:
+            k_rand = torch.round(k.double() * self.cfg.masker_random_share).long()
+            chosen_rand = masking.uniform_select(units, k_rand, g)
+            with torch.set_grad_enabled(trains):
+                masker_logits = masker(tokens)  # (B, T)
+                draw = masking.gumbel_top_k(
+                    masker_logits, units & ~chosen_rand, k - k_rand,
+                    self.cfg.masker_temperature, g,
+                )
+            chosen = chosen_rand | draw.selected
+        else:
+            chosen = masking.uniform_select(units, k, g)
+
+        if starts is not None:
+            mask = masking.from_word_start(chosen, starts) & candidates
+        else:
+            mask = chosen
+        corrupted = masking.corrupt(
+            tokens, mask, self.mask_idx, self.replacement_ids,
+            self.task_cfg.leave_unmasked_prob, self.task_cfg.random_token_prob, g, starts,
+        )
+
+        # --- predictor: cross-entropy on the masked positions (fairseq's masked_lm) ---
+        logits = model(corrupted, masked_tokens=mask)[0]  # (M, V), M = mask.sum()
+        targets = tokens[mask]  # (M,)
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (M,) nats
+        mlm_loss = token_loss.sum()
+        sample_size = targets.numel()
+
+        # --- masker: REINFORCE on the predictor's detached loss ---
+        logging_output = {}
+        masker_loss = None
+        if draw is not None:
+            by_masker = draw.selected
+            if starts is not None:
+                by_masker = masking.from_word_start(by_masker, starts) & candidates
+            loss_grid = torch.zeros(tokens.shape, dtype=token_loss.dtype, device=tokens.device)
+            loss_grid = loss_grid.masked_scatter(mask, token_loss.detach())  # (B, T)
+            n_by_masker = by_masker.sum(dim=1)  # (B,)
+            acted = n_by_masker > 0
+            reward = (loss_grid * by_masker).sum(dim=1) / n_by_masker.clamp(min=1)  # (B,)
+            masker_loss = reinforce_loss(reward, draw.log_prob, draw.entropy, acted,
+                                         self.cfg.masker_entropy_weight)
+            logging_output.update(
+                masker_loss=masker_loss.detach() * B,
+                masker_reward=(reward * acted).sum().detach(),
+                masker_acted=acted.sum(),
+                masker_entropy=draw.entropy.detach().sum(),
+            )
+        else:
+            # the selection distribution is uniform over the units: entropy log n
+            logging_output["masker_entropy"] = n.clamp(min=1).double().log().sum()
+
+        # --- diagnostics: does the masker prefer rare tokens, is it collapsing? ---
+        top_share_of_candidates = (self.is_top[tokens] & candidates).sum(1) / n.clamp(min=1)
+        logging_output.update(
+            loss=mlm_loss.detach(),
+            ntokens=sample["ntokens"],
+            nsentences=B,
+            sample_size=sample_size,
+            n_masked=sample_size,
+            n_candidates=candidates.sum(),
+            n_masked_top=self.is_top[targets].sum(),
+            # expected count under uniform random masking of the same batch and budget
+            n_rand_top=(mask.sum(1) * top_share_of_candidates).sum().detach(),
+            mask_rank_sum=self.freq_rank[targets].sum(),
+            batches=1,
+            masker_chooses=int(chooses),
+            masker_trains=int(trains),
+        )
+        return Outcome(mlm_loss, masker_loss, trains, sample_size, logging_output)
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        def total(key: str) -> float:
+            return float(sum(log.get(key, 0) for log in logging_outputs))
+
+        sample_size = total("sample_size")
+        nsentences = total("nsentences")
+        n_masked = max(total("n_masked"), 1.0)
+        metrics.log_scalar("loss", total("loss") / max(sample_size, 1) / math.log(2),
+                           sample_size, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
+        acted = total("masker_acted")
+        if acted > 0:
+            metrics.log_scalar("masker_loss", total("masker_loss") / max(nsentences, 1),
+                               nsentences, round=4)
+            # in bits, like `loss`
+            metrics.log_scalar("masker_reward", total("masker_reward") / acted / math.log(2),
+                               acted, round=3)
+        metrics.log_scalar("masker_entropy", total("masker_entropy") / max(nsentences, 1),
+                           nsentences, round=3)
+        metrics.log_scalar("mask_top100_share", total("n_masked_top") / n_masked,
+                           n_masked, round=4)
+        metrics.log_scalar("mask_rand_top100_share", total("n_rand_top") / n_masked,
+                           n_masked, round=4)
+        metrics.log_scalar("mask_freq_rank", total("mask_rank_sum") / n_masked, n_masked,
+                           round=1)
+        metrics.log_scalar("masked_share", n_masked / max(total("n_candidates"), 1.0),
+                           round=4)
+        # guard rails: is the masker choosing / training in these batches (0 during warm-up)
+        batches = max(total("batches"), 1.0)
+        metrics.log_scalar("masker_chooses", total("masker_chooses") / batches, round=2)
+        metrics.log_scalar("masker_trains", total("masker_trains") / batches, round=2)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+
+
+@dataclass
+class Outcome:
+    """What one round of the game produced."""
+
+    mlm_loss: Tensor  # L_pred, summed over the masked positions
+    masker_loss: Tensor | None  # L_masker (None when the masker did not choose)
+    masker_trains: bool  # whether L_masker enters this update's gradient
+    sample_size: int  # masked positions: fairseq divides gradients by it
+    logging_output: dict
+
+
+def reinforce_loss(
+    reward: Tensor, log_prob: Tensor, entropy: Tensor, acted: Tensor, entropy_weight: float
+) -> Tensor:
+    """The masker's loss: -mean (r - leave-one-out mean r) * log pi(S) - beta * mean H.
+
+    reward (B,) detached, log_prob (B,), entropy (B,), acted (B,) bool: which rows count.
+    A batch with a single acting sequence has no baseline and gives no policy gradient.
+    """
+    reward = reward.detach().float()
+    n = acted.sum().clamp(min=1)
+    total = (reward * acted).sum()
+    baseline = (total - reward) / (n - 1).clamp(min=1)  # (B,)
+    advantage = torch.where(acted & (n > 1), reward - baseline, torch.zeros_like(reward))
+    policy = -(advantage * log_prob).sum() / n
+    return policy - entropy_weight * (entropy * acted).sum() / n

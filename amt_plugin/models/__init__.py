@@ -1,0 +1,3 @@
+"""Models registered by the plugin: `amt` and its architectures."""
+
+from . import amt  # noqa: F401

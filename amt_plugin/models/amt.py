@@ -1,0 +1,118 @@
+"""Model `amt`: a masker and a predictor in one fairseq model.
+
+The predictor *is* fairseq's RoBERTa (encoder + LM head, under the same parameter names), so
+dropping the `masker.*` keys from an `amt` state dict leaves a stock `roberta` state dict.
+The masker sits beside it under `masker.*`. Each parameter carries a `param_group` tag,
+"predictor" or "masker", which the optimizer (`amt_adam`, or fairseq's `composite`) uses to
+give each role its own learning rate and to step one role without moving the other.
+
+`forward` is RoBERTa's forward (the predictor); the criterion calls `model.masker(tokens)`
+separately, so one training step is: masker -> choose positions -> corrupt -> predictor.
+"""
+
+from __future__ import annotations
+
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.roberta import RobertaModel
+from fairseq.models.roberta.model import base_architecture as roberta_base_architecture
+from fairseq.models.roberta.model import roberta_large_architecture
+from fairseq.utils import safe_getattr
+
+from .masker import Masker
+
+MASKER = "masker"
+PREDICTOR = "predictor"
+
+
+@register_model("amt")
+class AMTModel(RobertaModel):
+    """RoBERTa predictor (`encoder.*`, `classification_heads.*`) + masker (`masker.*`)."""
+
+    def __init__(self, args, encoder) -> None:
+        super().__init__(args, encoder)
+        for p in self.parameters():
+            p.param_group = PREDICTOR
+        self.masker = Masker(
+            vocab_size=len(encoder.dictionary),
+            padding_idx=encoder.dictionary.pad(),
+            max_positions=args.max_positions,
+            embed_dim=args.masker_embed_dim,
+            ffn_dim=args.masker_ffn_embed_dim,
+            layers=args.masker_layers,
+            heads=args.masker_attention_heads,
+            dropout=args.masker_dropout,
+        )
+        for p in self.masker.parameters():
+            p.param_group = MASKER
+
+    @staticmethod
+    def add_args(parser) -> None:
+        RobertaModel.add_args(parser)
+        parser.add_argument("--masker-layers", type=int, metavar="L",
+                            help="Transformer layers in the masker (default 2)")
+        parser.add_argument("--masker-embed-dim", type=int, metavar="D",
+                            help="masker width (default: a quarter of --encoder-embed-dim)")
+        parser.add_argument("--masker-ffn-embed-dim", type=int, metavar="D",
+                            help="masker feed-forward width (default: 4x --masker-embed-dim)")
+        parser.add_argument("--masker-attention-heads", type=int, metavar="H",
+                            help="masker attention heads (default: one per 64 dims)")
+        parser.add_argument("--masker-dropout", type=float, metavar="P",
+                            help="dropout inside the masker (default 0: a deterministic policy)")
+
+    @classmethod
+    def build_model(cls, args, task):
+        base_architecture(args)
+        return super().build_model(args, task)
+
+    def predictor_state_dict(self) -> dict:
+        """The predictor alone: exactly the keys of a fairseq `roberta` model."""
+        prefix = MASKER + "."
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
+
+
+def base_architecture(args) -> None:
+    """Defaults for every amt_* architecture: RoBERTa's, plus the masker's."""
+    roberta_base_architecture(args)
+    args.masker_layers = safe_getattr(args, "masker_layers", 2)
+    args.masker_embed_dim = safe_getattr(args, "masker_embed_dim", args.encoder_embed_dim // 4)
+    args.masker_ffn_embed_dim = safe_getattr(
+        args, "masker_ffn_embed_dim", 4 * args.masker_embed_dim
+    )
+    args.masker_attention_heads = safe_getattr(
+        args, "masker_attention_heads", max(1, args.masker_embed_dim // 64)
+    )
+    args.masker_dropout = safe_getattr(args, "masker_dropout", 0.0)
+
+
+@register_model_architecture("amt", "amt_tiny")
+def amt_tiny(args) -> None:
+    """Seconds on a CPU: what tests and try-outs use. Predictor 2 x 128, masker 2 x 32."""
+    args.encoder_layers = safe_getattr(args, "encoder_layers", 2)
+    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 128)
+    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 512)
+    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 2)
+    args.max_positions = safe_getattr(args, "max_positions", 512)
+    base_architecture(args)
+
+
+@register_model_architecture("amt", "amt_small")
+def amt_small(args) -> None:
+    """ELECTRA-Small-like predictor: 12 layers, 256 wide, 4 heads, FFN 1024. Masker 2 x 64."""
+    args.encoder_layers = safe_getattr(args, "encoder_layers", 12)
+    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 256)
+    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 1024)
+    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 4)
+    base_architecture(args)
+
+
+@register_model_architecture("amt", "amt_base")
+def amt_base(args) -> None:
+    """RoBERTa-base predictor (12 x 768, 12 heads). Masker 2 x 192, 3 heads."""
+    base_architecture(args)
+
+
+@register_model_architecture("amt", "amt_large")
+def amt_large(args) -> None:
+    """RoBERTa-large predictor (24 x 1024, 16 heads). Masker 2 x 256, 4 heads."""
+    roberta_large_architecture(args)
+    base_architecture(args)

@@ -1,0 +1,126 @@
+"""Optimizer `amt_adam`: Adam with one parameter group per role, stepped independently.
+
+fairseq's trainer knows one optimizer and one learning-rate schedule. AMT needs two players
+with their own learning rates, and updates where only the predictor moves. `amt_adam` is
+fairseq's Adam (AdamW-style decoupled weight decay, same flags) with:
+
+- two torch parameter groups, "predictor" and "masker", taken from each parameter's
+  `param_group` tag (set by the `amt` model);
+- `--masker-lr`: the masker's peak learning rate. The lr scheduler drives the predictor's
+  rate; the masker's follows the same schedule scaled by masker_lr / lr;
+- `step(groups=...)`: groups left out are not touched at all (parameters and Adam moments),
+  because their gradients are dropped before the step and torch optimizers skip parameters
+  without a gradient. fairseq's FP16Optimizer passes `groups` through (fairseq's fp16_optimizer.py);
+- gradient clipping per group (`--clip-norm` applies to each role on its own, so one player's
+  gradient norm never shrinks the other's step). Under `--fp16` fairseq's FP16Optimizer only
+  asks this optimizer for the norm and clips both roles jointly.
+
+fairseq's `composite` optimizer (hydra config with groups `predictor` and `masker`) works too;
+see configs/.
+"""
+
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.optim import FairseqOptimizer, register_optimizer
+from fairseq.optim.adam import FairseqAdamConfig
+
+ROLES = ("predictor", "masker")
+
+
+class GroupSteppingAdamW(torch.optim.AdamW):
+    """torch AdamW whose step can leave whole named parameter groups untouched."""
+
+    supports_groups = True
+
+    def step(self, closure=None, groups: Optional[Iterable[str]] = None):
+        if groups is not None:
+            groups = set(groups)
+            for group in self.param_groups:
+                if group["name"] not in groups:
+                    for p in group["params"]:
+                        p.grad = None  # AdamW skips it: no update, no moment update
+        return super().step(closure)
+
+
+@dataclass
+class AMTAdamConfig(FairseqAdamConfig):
+    masker_lr: Optional[float] = field(
+        default=None,
+        metadata={"help": "peak learning rate of the masker (default: the predictor's --lr); "
+                  "it follows the predictor's schedule, scaled by masker_lr / lr"},
+    )
+    masker_weight_decay: Optional[float] = field(
+        default=None, metadata={"help": "weight decay of the masker (default: --weight-decay)"}
+    )
+
+
+@register_optimizer("amt_adam", dataclass=AMTAdamConfig)
+class AMTAdam(FairseqOptimizer):
+    """Adam over the predictor and masker parameter groups; see the module docstring."""
+
+    def __init__(self, cfg: AMTAdamConfig, params) -> None:
+        super().__init__(cfg)
+        by_role: dict[str, list] = {role: [] for role in ROLES}
+        for p in params:
+            role = getattr(p, "param_group", None)
+            if role not in by_role:
+                raise ValueError(
+                    "--optimizer amt_adam needs every parameter tagged 'predictor' or "
+                    f"'masker' (found {role!r}); use it with --arch amt_* models, and with "
+                    "--fp16 also pass --fp16-no-flatten-grads"
+                )
+            by_role[role].append(p)
+        lr = self._peak_lr
+        self.masker_lr_scale = (cfg.masker_lr / lr) if cfg.masker_lr is not None else 1.0
+        wd = cfg.weight_decay
+        masker_wd = cfg.masker_weight_decay if cfg.masker_weight_decay is not None else wd
+        groups = [
+            {"name": "predictor", "params": by_role["predictor"], "lr_scale": 1.0},
+            {"name": "masker", "params": by_role["masker"], "lr_scale": self.masker_lr_scale,
+             "weight_decay": masker_wd},
+        ]
+        groups = [g for g in groups if g["params"]]
+        betas = eval(cfg.adam_betas) if isinstance(cfg.adam_betas, str) else cfg.adam_betas
+        self._optimizer = GroupSteppingAdamW(
+            groups, lr=lr, betas=tuple(betas), eps=cfg.adam_eps, weight_decay=wd,
+            foreach=None,
+        )
+        self.set_lr(lr)
+
+    @property
+    def _peak_lr(self) -> float:
+        lr = self.cfg.lr
+        return float(lr[0] if isinstance(lr, Collection) else lr)
+
+    @property
+    def optimizer_config(self) -> dict:
+        # Values that override a checkpoint's optimizer state on resume. The lr is set again
+        # by the scheduler (through set_lr, which rescales the masker) right after loading.
+        betas = self.cfg.adam_betas
+        return {
+            "lr": self._peak_lr,
+            "betas": tuple(eval(betas) if isinstance(betas, str) else betas),
+            "eps": self.cfg.adam_eps,
+        }
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+
+    def load_state_dict(self, state_dict, optimizer_overrides=None) -> None:
+        super().load_state_dict(state_dict, optimizer_overrides)
+        for group in self.param_groups:  # the scale comes from this run's flags, not the file
+            group["lr_scale"] = 1.0 if group["name"] == "predictor" else self.masker_lr_scale
+
+    def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
+        """Clip each role's gradient to max_norm on its own; return the joint norm."""
+        norms = [
+            utils.clip_grad_norm_(group["params"], max_norm, aggregate_norm_fn)
+            for group in self.param_groups
+        ]
+        return torch.stack([n.float() for n in norms]).norm()

@@ -1,0 +1,3 @@
+"""Tasks registered by the plugin."""
+
+from . import adversarial_masked_lm  # noqa: F401

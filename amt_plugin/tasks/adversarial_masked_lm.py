@@ -1,0 +1,140 @@
+"""Task `adversarial_masked_lm`: fairseq's `masked_lm` data pipeline, without the masking.
+
+The dataset yields the *unmasked* token blocks (with <s> prepended, padded on the right);
+which positions get masked is decided per batch by the criterion, where the masker lives.
+The task also owns the alternation's last step: `optimizer_step` steps only the parameter
+groups the criterion asked for in this update (the wav2vec-U pattern).
+"""
+
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from fairseq.data import (
+    IdDataset,
+    NestedDictionaryDataset,
+    NumelDataset,
+    NumSamplesDataset,
+    RightPadDataset,
+    SortDataset,
+    data_utils,
+)
+from fairseq.dataclass import ChoiceEnum
+from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.optim.fp16_optimizer import FP16Optimizer
+from fairseq.tasks import register_task
+from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
+
+logger = logging.getLogger(__name__)
+
+MASKING_STRATEGIES = ["learned", "random"]
+
+
+@dataclass
+class AdversarialMaskedLMConfig(MaskedLMConfig):
+    masking_strategy: ChoiceEnum(MASKING_STRATEGIES) = field(
+        default="learned",
+        metadata={"help": "who picks the positions to mask: the learned masker, or uniformly "
+                  "at random (fairseq's masked_lm, through the same criterion and budget)"},
+    )
+    word_boundaries: ChoiceEnum(["sentencepiece", "gpt2"]) = field(
+        default="sentencepiece",
+        metadata={"help": "how --mask-whole-words finds word starts in the dictionary: "
+                  "SentencePiece pieces starting with '\u2581', or fairseq's GPT-2 BPE"},
+    )
+
+
+@register_task("adversarial_masked_lm", dataclass=AdversarialMaskedLMConfig)
+class AdversarialMaskedLMTask(MaskedLMTask):
+    """Unmasked token blocks for adversarial masking; see the module docstring."""
+
+    cfg: AdversarialMaskedLMConfig
+
+    def __init__(self, cfg: AdversarialMaskedLMConfig, dictionary=None) -> None:
+        if not 0.0 < cfg.mask_prob <= 1.0:
+            raise ValueError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
+        if cfg.leave_unmasked_prob + cfg.random_token_prob > 1.0:
+            raise ValueError(
+                "--leave-unmasked-prob + --random-token-prob must not exceed 1 "
+                f"(got {cfg.leave_unmasked_prob} + {cfg.random_token_prob})"
+            )
+        super().__init__(cfg, dictionary)
+        self.is_word_start = self._word_start_table() if cfg.mask_whole_words else None
+        self.groups_to_step: set[str] | None = None  # set by train_step, used by optimizer_step
+
+    def _word_start_table(self) -> torch.Tensor:
+        """(V,) bool: does this dictionary symbol begin a word?"""
+        d = self.dictionary
+        if self.cfg.word_boundaries == "gpt2":
+            from fairseq.data.encoders.gpt2_bpe import GPT2BPE, GPT2BPEConfig
+
+            bpe = GPT2BPE(GPT2BPEConfig())
+            begins = bpe.is_beginning_of_word
+        else:
+            if not any(s.startswith("\u2581") for s in d.symbols):
+                raise ValueError(
+                    "--mask-whole-words with --word-boundaries sentencepiece needs a dictionary "
+                    "of SentencePiece pieces (symbols starting with '\u2581'); this one has "
+                    "none. Encode the corpus with SentencePiece, or pass "
+                    "--word-boundaries gpt2 for GPT-2 BPE data"
+                )
+
+            def begins(sym: str) -> bool:
+                return sym.startswith("\u2581")
+
+        table = [
+            i < d.nspecial or sym.startswith("madeupword") or sym == "<mask>" or begins(sym)
+            for i, sym in enumerate(d.symbols)
+        ]
+        return torch.tensor(table, dtype=torch.bool)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
+        src = self._load_dataset_split(split, epoch, combine)  # token blocks, <s> prepended
+        with data_utils.numpy_seed(self.cfg.seed):
+            shuffle = np.random.permutation(len(src))
+        dataset = NestedDictionaryDataset(
+            {
+                "id": IdDataset(),
+                "net_input": {
+                    "src_tokens": RightPadDataset(src, pad_idx=self.dictionary.pad()),
+                    "src_lengths": NumelDataset(src, reduce=False),
+                },
+                "nsentences": NumSamplesDataset(),
+                "ntokens": NumelDataset(src, reduce=True),
+            },
+            sizes=[src.sizes],
+        )
+        self.datasets[split] = SortDataset(dataset, sort_order=[shuffle, src.sizes])
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if hasattr(criterion, "groups_to_step"):
+            self.groups_to_step = criterion.groups_to_step(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def optimizer_step(self, optimizer, model, update_num) -> None:
+        """Step the parameter groups chosen for this update; the others do not move at all."""
+        groups = self.groups_to_step
+        params = list(model.parameters())
+        if groups is None or {getattr(p, "param_group", None) for p in params} <= groups:
+            optimizer.step()
+            return
+        # AMPOptimizer.step() takes no `groups` (fairseq's amp_optimizer.py) although it
+        # reports supports_groups; it is handled below with the plain optimizers.
+        if optimizer.supports_groups and not isinstance(optimizer, AMPOptimizer):
+            optimizer.step(groups=groups)
+            return
+        if isinstance(optimizer, FP16Optimizer):
+            raise ValueError(
+                "this optimizer cannot step the predictor without moving the masker under "
+                "--fp16 (its fp32 copies get zero gradients, and Adam momentum would still "
+                "move them). Use --optimizer amt_adam --fp16-no-flatten-grads, or "
+                "--optimizer composite with groups 'predictor' and 'masker'"
+            )
+        # These optimizers work on the model's own parameters, and torch optimizers skip a
+        # parameter without a gradient (no update, no moment update): drop the frozen ones.
+        for p in params:
+            if getattr(p, "param_group", None) not in groups:
+                p.grad = None
+        optimizer.step()

@@ -1,0 +1,141 @@
+"""The game: gradient isolation, the sign of the masker's update, alternation that freezes."""
+
+import torch
+from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
+
+from amt_plugin import masking
+from amt_plugin.criterions.adversarial_masked_lm import reinforce_loss
+from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
+from tests.conftest import build, make_sample
+
+
+def grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+
+
+def test_gradients_never_cross_between_masker_and_predictor():
+    task, model, criterion = build(masker_warmup_updates=0)
+    model.train()
+    criterion.set_num_updates(0)
+    out = criterion.play(model, make_sample(task))
+    assert out.masker_trains and out.masker_loss is not None
+    masker = list(model.masker.parameters())
+    predictor = [p for n, p in model.named_parameters() if not n.startswith("masker.")]
+    assert all(g is None for g in grads(out.mlm_loss, masker))
+    assert any(g is not None and g.abs().sum() > 0 for g in grads(out.mlm_loss, predictor))
+    assert all(g is None for g in grads(out.masker_loss, predictor))
+    assert any(g is not None and g.abs().sum() > 0 for g in grads(out.masker_loss, masker))
+
+
+def test_forward_gives_every_parameter_a_gradient_when_the_masker_rests():
+    # warm-up: the masker does not choose, yet DDP must see a gradient for every parameter
+    task, model, criterion = build(masker_warmup_updates=10)
+    model.train()
+    criterion.groups_to_step(3)
+    loss, _, log = criterion(model, make_sample(task))
+    loss.backward()
+    assert log["masker_chooses"] == 0
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad.abs().sum() == 0 for p in model.masker.parameters())
+
+
+def test_one_masker_update_raises_probability_of_high_reward_positions():
+    B, T, k = 256, 12, 3
+    theta = torch.zeros(T, requires_grad=True)  # one policy shared by all rows
+    logits = theta.expand(B, T)
+    cand = torch.ones(B, T, dtype=torch.bool)
+    draw = masking.gumbel_top_k(logits, cand, torch.full((B,), k), 1.0,
+                                torch.Generator().manual_seed(0))
+    reward = draw.selected[:, 5].float() + 0.1 * draw.selected[:, 9].float()
+    loss = reinforce_loss(reward, draw.log_prob, draw.entropy, torch.ones(B, dtype=torch.bool),
+                          entropy_weight=0.0)
+    loss.backward()
+    with torch.no_grad():
+        before = theta.softmax(0).clone()
+        theta -= 1.0 * theta.grad  # one SGD step on the masker's loss
+        after = theta.softmax(0)
+    assert after[5] > before[5] + 0.01
+    assert after.argmax() == 5
+    assert after[9] > before[9]  # a small reward still raises it
+    others = [i for i in range(T) if i not in (5, 9)]
+    assert after[others].sum() < before[others].sum()
+
+
+def test_entropy_bonus_pushes_towards_uniform():
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    draw = masking.gumbel_top_k(logits, torch.ones(1, 4, dtype=torch.bool), torch.tensor([1]),
+                                1.0, torch.Generator().manual_seed(0))
+    reinforce_loss(torch.zeros(1), draw.log_prob, draw.entropy,
+                   torch.ones(1, dtype=torch.bool), entropy_weight=1.0).backward()
+    assert logits.grad[0, 0] > 0  # gradient descent lowers the dominant logit
+
+
+def fill_grads(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def snapshot(model, prefix: str):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(prefix)}
+
+
+def test_amt_adam_leaves_an_unstepped_group_bit_identical():
+    task, model, _ = build()
+    opt = AMTAdam(AMTAdamConfig(lr=[1e-3], masker_lr=1e-2), list(model.parameters()))
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {"predictor": 1e-3, "masker": 1e-2}
+    fill_grads(model)
+    opt.step(groups={"predictor", "masker"})  # both move; the masker now has Adam moments
+    masker_before = snapshot(model, "masker.")
+    state_before = {id(p): {k: v.clone() for k, v in opt.optimizer.state[p].items()}
+                    for p in model.masker.parameters()}
+    predictor_before = snapshot(model, "encoder.")
+    fill_grads(model, seed=1)
+    task.groups_to_step = {"predictor"}
+    task.optimizer_step(opt, model, update_num=1)
+    for n, p in model.named_parameters():
+        if n.startswith("masker."):
+            assert torch.equal(p, masker_before[n]), n
+    for p in model.masker.parameters():
+        for key, value in opt.optimizer.state[p].items():
+            assert torch.equal(value, state_before[id(p)][key])
+    assert any(not torch.equal(p, predictor_before[n])
+               for n, p in model.named_parameters() if n.startswith("encoder."))
+
+
+def test_task_freezes_the_masker_with_a_plain_fairseq_adam_too():
+    task, model, _ = build()
+    cfg = FairseqAdamConfig(lr=[1e-3], adam_betas="(0.9, 0.999)")
+    opt = FairseqAdam(cfg, list(model.parameters()))
+    fill_grads(model)
+    opt.step()
+    masker_before = snapshot(model, "masker.")
+    fill_grads(model, seed=1)
+    task.groups_to_step = {"predictor"}
+    task.optimizer_step(opt, model, update_num=1)
+    assert all(torch.equal(p, masker_before[n])
+               for n, p in model.named_parameters() if n.startswith("masker."))
+
+
+def test_masker_lr_follows_the_schedule_scaled():
+    _, model, _ = build()
+    opt = AMTAdam(AMTAdamConfig(lr=[2e-3], masker_lr=5e-4), list(model.parameters()))
+    opt.set_lr(1e-3)  # what a scheduler does mid-warm-up
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["predictor"] == 1e-3 and abs(lrs["masker"] - 2.5e-4) < 1e-12
+
+
+def test_per_group_clipping_does_not_let_the_masker_shrink_the_predictor():
+    _, model, _ = build()
+    opt = AMTAdam(AMTAdamConfig(lr=[1e-3]), list(model.parameters()))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0 if p.param_group == "masker" else 1e-4)
+    predictor_grads = {n: p.grad.clone() for n, p in model.named_parameters()
+                       if not n.startswith("masker.")}
+    opt.clip_grad_norm(1.0)
+    for n, p in model.named_parameters():
+        if n.startswith("masker."):
+            continue
+        assert torch.equal(p.grad, predictor_grads[n])
+    masker_norm = torch.stack([p.grad.norm() for p in model.masker.parameters()]).norm()
+    assert abs(masker_norm.item() - 1.0) < 1e-4
