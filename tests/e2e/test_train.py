@@ -1,0 +1,109 @@
+"""fairseq-train / fairseq-validate with --user-dir amt_plugin on tiny data, on CPU."""
+
+import math
+import socket
+import subprocess
+
+import pytest
+import torch
+from fairseq import checkpoint_utils
+
+from tests.e2e.conftest import BIN, ENV, PLUGIN, json_logs, run, train, train_args
+
+pytestmark = pytest.mark.slow
+
+LOGGED = ["loss", "masker_loss", "masker_entropy", "masker_reward", "mask_top100_share",
+          "mask_rand_top100_share"]
+
+
+def test_train_logs_every_key_and_loss_falls_then_validate(zipf_data, tmp_path):
+    proc = train(zipf_data, tmp_path / "ck", "--max-update", "40",
+                 "--masker-warmup-updates", "10")
+    inner = json_logs(proc.stdout, "train_inner")
+    assert [int(x["num_updates"]) for x in inner] == list(range(5, 45, 5))
+    losses = [float(x["loss"]) for x in inner]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+    after_warmup = [x for x in inner if int(x["num_updates"]) > 10]
+    for key in LOGGED:
+        assert all(key in x for x in after_warmup), key
+    valid = json_logs(proc.stdout, "valid")[-1]
+    for key in LOGGED:
+        assert f"valid_{key}" in valid, key
+
+    out = run([str(BIN / "fairseq-validate"), str(zipf_data), "--user-dir", PLUGIN,
+               "--path", str(tmp_path / "ck" / "checkpoint_last.pt"),
+               "--task", "adversarial_masked_lm", "--criterion", "adversarial_masked_lm",
+               "--batch-size", "16", "--cpu", "--log-format", "json"])
+    result = json_logs(out.stdout, "valid")[-1]
+    assert math.isfinite(float(result["valid_loss"]))
+    # validation masks are seeded by sample: the same checkpoint gives the same number
+    assert result["valid_loss"] == valid["valid_loss"]
+
+
+def test_resume_continues_the_update_count_and_both_optimizer_states(zipf_data, tmp_path):
+    ck = tmp_path / "ck"
+    schedule = ["--masker-warmup-updates", "4", "--masker-update-freq", "2",
+                "--save-interval-updates", "5"]
+    train(zipf_data, ck, "--max-update", "10", *schedule)
+    first = torch.load(ck / "checkpoint_last.pt", weights_only=True)
+    proc = train(zipf_data, ck, "--max-update", "20", *schedule)
+    assert "Loaded checkpoint" in proc.stdout and "(epoch 1 @ 10 updates)" in proc.stdout
+    assert int(json_logs(proc.stdout, "train_inner")[-1]["num_updates"]) == 20
+    last = torch.load(ck / "checkpoint_last.pt", weights_only=True)
+
+    def steps_by_group(ckpt) -> dict[str, set[int]]:
+        opt = ckpt["last_optimizer_state"]
+        return {g["name"]: {int(opt["state"][i]["step"]) for i in g["params"]}
+                for g in opt["param_groups"]}
+
+    # predictor: every update; masker: update_num 4, 6, 8 (then 10, ..., 18 after resuming)
+    assert steps_by_group(first) == {"predictor": {10}, "masker": {3}}
+    assert steps_by_group(last) == {"predictor": {20}, "masker": {8}}
+
+
+def test_random_strategy_never_moves_the_masker(zipf_data, tmp_path):
+    ck = tmp_path / "ck"
+    proc = train(zipf_data, ck, "--max-update", "12", "--masking-strategy", "random",
+                 "--save-interval-updates", "6", "--keep-interval-updates", "2")
+    inner = json_logs(proc.stdout, "train_inner")
+    assert all(float(x["masker_chooses"]) == 0 for x in inner)
+    assert all(math.isfinite(float(x["loss"])) for x in inner)
+    share = [float(x["mask_top100_share"]) for x in inner]
+    rand = [float(x["mask_rand_top100_share"]) for x in inner]
+    assert abs(sum(share) / len(share) - sum(rand) / len(rand)) < 0.05
+    mid = torch.load(ck / "checkpoint_1_6.pt", weights_only=True)["model"]
+    end = torch.load(ck / "checkpoint_1_12.pt", weights_only=True)["model"]
+    masker_keys = [k for k in end if k.startswith("masker.")]
+    assert masker_keys and all(torch.equal(mid[k], end[k]) for k in masker_keys)
+    assert not torch.equal(mid["encoder.lm_head.bias"], end["encoder.lm_head.bias"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_gloo(zipf_data, tmp_path):
+    port = free_port()
+    distributed = ["--ddp-backend", "legacy_ddp", "--distributed-backend", "gloo",
+                   "--distributed-init-method", f"tcp://127.0.0.1:{port}",
+                   "--distributed-no-spawn", "--distributed-world-size", "2",
+                   "--max-update", "12", "--masker-warmup-updates", "4"]
+    procs = [
+        subprocess.Popen(train_args(zipf_data, tmp_path / "ck", *distributed,
+                                    "--distributed-rank", str(rank)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (log, _) in zip(procs, outputs):
+        assert p.returncode == 0, log[-3000:]
+    inner = json_logs(outputs[0][0], "train_inner")
+    assert inner and all(math.isfinite(float(x["loss"])) for x in inner)
+    assert float(inner[-1]["masker_trains"]) == 1
+    # both ranks' batches are counted: 2 x 16 sequences per update
+    assert float(inner[-1]["bsz"]) > 16
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "ck" / "checkpoint_last.pt"))
+    assert state["optimizer_history"][-1]["num_updates"] == 12
