@@ -23,17 +23,20 @@ TOKENS_PER_SAMPLE = 32
 
 
 def tiny_dictionary() -> Dictionary:
+    """SentencePiece-like symbols: even ids start a word ("\u2581w0"), odd ones continue it."""
     d = Dictionary()
     for i in range(VOCAB):
-        d.add_symbol(f"\u2581w{i}", n=1000 - 10 * i)  # frequency falls with the index
+        # frequency falls with the index
+        d.add_symbol(f"\u2581w{i}" if i % 2 == 0 else f"w{i}", n=1000 - 10 * i)
     return d
 
 
-def build(strategy: str = "learned", **criterion_overrides):
+def build(strategy: str = "learned", whole_words: bool = False, **criterion_overrides):
     """(task, model, criterion) for amt_tiny on a synthetic dictionary."""
     torch.manual_seed(0)
     task_cfg = AdversarialMaskedLMConfig(
-        data="unused", tokens_per_sample=TOKENS_PER_SAMPLE, seed=1, masking_strategy=strategy
+        data="unused", tokens_per_sample=TOKENS_PER_SAMPLE, seed=1, masking_strategy=strategy,
+        mask_whole_words=whole_words,
     )
     task = AdversarialMaskedLMTask(task_cfg, tiny_dictionary())
     args = argparse.Namespace(arch="amt_tiny", max_positions=TOKENS_PER_SAMPLE)

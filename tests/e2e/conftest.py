@@ -53,10 +53,13 @@ def train(data: Path, save_dir: Path, *extra: str) -> subprocess.CompletedProces
 
 
 def json_logs(output: str, kind: str) -> list[dict]:
-    """fairseq's --log-format json lines of one kind: train_inner, train or valid."""
+    """fairseq's --log-format json lines of one kind: train_inner, train or valid.
+
+    fairseq-train writes "| kind | {...}", fairseq-hydra-train "[kind][INFO] - {...}".
+    """
     logs = []
     for line in output.splitlines():
-        if f"| {kind} | {{" in line:
+        if f"| {kind} | {{" in line or f"[{kind}][INFO] - {{" in line:
             logs.append(json.loads(line[line.index("{"):]))
     return logs
 

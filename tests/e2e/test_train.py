@@ -43,8 +43,9 @@ def test_train_logs_every_key_and_loss_falls_then_validate(zipf_data, tmp_path):
 
 def test_resume_continues_the_update_count_and_both_optimizer_states(zipf_data, tmp_path):
     ck = tmp_path / "ck"
+    # gradient accumulation over 2 batches too: the schedule counts updates, not batches
     schedule = ["--masker-warmup-updates", "4", "--masker-update-freq", "2",
-                "--save-interval-updates", "5"]
+                "--save-interval-updates", "5", "--update-freq", "2", "--clip-norm", "1.0"]
     train(zipf_data, ck, "--max-update", "10", *schedule)
     first = torch.load(ck / "checkpoint_last.pt", weights_only=True)
     proc = train(zipf_data, ck, "--max-update", "20", *schedule)

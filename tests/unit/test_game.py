@@ -1,5 +1,6 @@
 """The game: gradient isolation, the sign of the masker's update, alternation that freezes."""
 
+import pytest
 import torch
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
@@ -25,6 +26,36 @@ def test_gradients_never_cross_between_masker_and_predictor():
     assert any(g is not None and g.abs().sum() > 0 for g in grads(out.mlm_loss, predictor))
     assert all(g is None for g in grads(out.masker_loss, predictor))
     assert any(g is not None and g.abs().sum() > 0 for g in grads(out.masker_loss, masker))
+
+
+@pytest.mark.parametrize("whole_words", [False, True])
+def test_criterion_masks_exactly_the_budget_and_never_specials(whole_words):
+    task, model, criterion = build(whole_words=whole_words, masker_warmup_updates=0)
+    model.train()
+    criterion.set_num_updates(0)
+    sample = make_sample(task)
+    tokens = sample["net_input"]["src_tokens"]
+    seen = {}
+
+    def spy(corrupted, masked_tokens):  # the predictor's inputs, as the criterion made them
+        seen["mask"] = masked_tokens
+        return type(model).forward(model, corrupted, masked_tokens=masked_tokens)
+
+    model.forward = spy
+    criterion.play(model, sample)
+    mask = seen["mask"]
+    specials = torch.isin(tokens, criterion.special_ids)
+    assert not (mask & specials).any()
+    starts = task.is_word_start[tokens] & ~specials if whole_words else ~specials
+    if whole_words:  # a row whose first piece continues a word still starts a word there
+        starts[:, 1] |= ~specials[:, 1]
+    k = torch.round(starts.sum(1) * task.cfg.mask_prob).long().clamp(min=1)
+    assert torch.equal((mask & starts).sum(1), k)
+    if whole_words:  # every masked continuation piece belongs to a masked word
+        cont = mask & ~starts
+        prev = torch.zeros_like(mask)
+        prev[:, 1:] = mask[:, :-1]
+        assert not (cont & ~prev).any()
 
 
 def test_forward_gives_every_parameter_a_gradient_when_the_masker_rests():
@@ -139,3 +170,10 @@ def test_per_group_clipping_does_not_let_the_masker_shrink_the_predictor():
         assert torch.equal(p.grad, predictor_grads[n])
     masker_norm = torch.stack([p.grad.norm() for p in model.masker.parameters()]).norm()
     assert abs(masker_norm.item() - 1.0) < 1e-4
+
+
+def test_amt_adam_on_flattened_fp16_params_says_which_flag_to_add():
+    # fairseq's FP16Optimizer flattens every parameter into one untagged tensor by default
+    flat = torch.nn.Parameter(torch.zeros(10))
+    with pytest.raises(ValueError, match="--fp16-no-flatten-grads"):
+        AMTAdam(AMTAdamConfig(lr=[1e-3]), [flat])

@@ -1,0 +1,89 @@
+"""fairseq-hydra-train with the shipped config; fairseq's composite optimizer; fp16 paths.
+
+The fp16 tests run fairseq's FP16Optimizer / AMPOptimizer on the CPU: slow arithmetic, but the
+same optimizer wrappers, loss scaling and group-selective stepping as on a GPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+from tests.e2e.conftest import BIN, PLUGIN, ROOT, json_logs, run, train
+
+pytestmark = pytest.mark.slow
+
+
+def masker_and_predictor_steps(opt_state: dict) -> dict[str, set[int]]:
+    """AdamW step counts per group of an amt_adam state dict."""
+    return {g["name"]: {int(opt_state["state"][i]["step"]) for i in g["params"]}
+            for g in opt_state["param_groups"]}
+
+
+def test_hydra_train_with_the_shipped_tiny_config(zipf_data, tmp_path):
+    proc = run([str(BIN / "fairseq-hydra-train"), "--config-dir", str(ROOT / "configs"),
+                "--config-name", "amt_tiny", f"task.data={zipf_data}",
+                f"common.user_dir={PLUGIN}", "optimization.max_update=12",
+                "criterion.masker_warmup_updates=4", "task.tokens_per_sample=64",
+                "model.max_positions=64", "common.log_format=json", "common.log_interval=4",
+                f"checkpoint.save_dir={tmp_path / 'ck'}", f"hydra.run.dir={tmp_path}"])
+    inner = json_logs(proc.stdout, "train_inner")
+    assert inner and all(math.isfinite(float(x["loss"])) for x in inner)
+    state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
+    assert masker_and_predictor_steps(state["last_optimizer_state"]) == {
+        "predictor": {12}, "masker": {8}}
+
+
+COMPOSITE = """
+optimizer:
+  _name: composite
+  groups:
+    predictor:
+      lr_float: 1e-3
+      optimizer: {_name: adam, adam_betas: [0.9, 0.98]}
+      lr_scheduler: {_name: fixed}
+    masker:
+      lr_float: 3e-3
+      optimizer: {_name: adam, adam_betas: [0.9, 0.98]}
+      lr_scheduler: {_name: fixed}
+lr_scheduler:
+  _name: pass_through
+"""
+
+
+def test_fairseqs_composite_optimizer_steps_the_groups_the_criterion_asks_for(
+        zipf_data, tmp_path):
+    config = (ROOT / "configs" / "amt_tiny.yaml").read_text()
+    head = config[: config.index("optimizer:")]
+    tail = config[config.index("optimization:"):]
+    (tmp_path / "composite.yaml").write_text(head + COMPOSITE + "\n" + tail)
+    run([str(BIN / "fairseq-hydra-train"), "--config-dir", str(tmp_path),
+         "--config-name", "composite", f"task.data={zipf_data}", f"common.user_dir={PLUGIN}",
+         "optimization.max_update=10", "criterion.masker_warmup_updates=4",
+         "criterion.masker_update_freq=3", "task.tokens_per_sample=64",
+         "model.max_positions=64", f"checkpoint.save_dir={tmp_path / 'ck'}",
+         f"hydra.run.dir={tmp_path}"])
+    state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
+    opt = state["last_optimizer_state"]  # {group: fairseq Adam state}
+    steps = {group: {int(s["step"]) for s in opt[group]["state"].values()} for group in opt}
+    # predictor every update; masker at update_num 4 and 7
+    assert steps == {"predictor": {10}, "masker": {2}}
+    assert [g["lr"] for g in opt["masker"]["param_groups"]] == [3e-3]
+
+
+@pytest.mark.parametrize("precision", [["--fp16", "--fp16-no-flatten-grads"], ["--amp"]])
+def test_half_precision_wrappers_keep_the_resting_masker_still(zipf_data, tmp_path, precision):
+    ck = tmp_path / "ck"
+    proc = train(zipf_data, ck, "--max-update", "10", "--masker-warmup-updates", "4",
+                 "--masker-update-freq", "3", "--save-interval-updates", "4",
+                 "--keep-interval-updates", "5", *precision)
+    inner = json_logs(proc.stdout, "train_inner")
+    assert all(math.isfinite(float(x["loss"])) for x in inner)
+    at_4 = torch.load(ck / "checkpoint_1_4.pt", weights_only=True)
+    at_8 = torch.load(ck / "checkpoint_1_8.pt", weights_only=True)
+    # masker trained at update_num 4 and 7 only: it moved between the two checkpoints, and
+    # its step count is 2 at the end while the predictor's is 10
+    masker = [k for k in at_8["model"] if k.startswith("masker.")]
+    assert any(not torch.equal(at_4["model"][k], at_8["model"][k]) for k in masker)
+    last = torch.load(ck / "checkpoint_last.pt", weights_only=True)["last_optimizer_state"]
+    assert masker_and_predictor_steps(last) == {"predictor": {10}, "masker": {2}}
