@@ -8,7 +8,7 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-from tests.e2e.conftest import BIN, ENV, PLUGIN, json_logs, run, train, train_args
+from tests.e2e.conftest import BIN, ENV, PLUGIN, ROOT, json_logs, run, train, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -86,25 +86,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_distributed_run(procs_outputs: list[tuple[int, str]], save_dir) -> None:
+    for rc, log in procs_outputs:
+        assert rc == 0, log[-3000:]
+    logs = "\n".join(log for _, log in procs_outputs)
+    inner = json_logs(logs, "train_inner")
+    assert inner and all(math.isfinite(float(x["loss"])) for x in inner)
+    assert float(inner[-1]["masker_trains"]) == 1
+    # both ranks' batches are counted: 2 x 16 sequences per update
+    assert float(inner[-1]["bsz"]) > 16
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(save_dir / "checkpoint_last.pt"))
+    assert state["optimizer_history"][-1]["num_updates"] == 12
+
+
+GLOO = ["--ddp-backend", "legacy_ddp", "--distributed-backend", "gloo",
+        "--max-update", "12", "--masker-warmup-updates", "4"]
+
+
 def test_two_processes_with_gloo(zipf_data, tmp_path):
     port = free_port()
-    distributed = ["--ddp-backend", "legacy_ddp", "--distributed-backend", "gloo",
-                   "--distributed-init-method", f"tcp://127.0.0.1:{port}",
-                   "--distributed-no-spawn", "--distributed-world-size", "2",
-                   "--max-update", "12", "--masker-warmup-updates", "4"]
+    distributed = [*GLOO, "--distributed-init-method", f"tcp://127.0.0.1:{port}",
+                   "--distributed-no-spawn", "--distributed-world-size", "2"]
     procs = [
         subprocess.Popen(train_args(zipf_data, tmp_path / "ck", *distributed,
                                     "--distributed-rank", str(rank)),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
         for rank in (0, 1)
     ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (log, _) in zip(procs, outputs):
-        assert p.returncode == 0, log[-3000:]
-    inner = json_logs(outputs[0][0], "train_inner")
-    assert inner and all(math.isfinite(float(x["loss"])) for x in inner)
-    assert float(inner[-1]["masker_trains"]) == 1
-    # both ranks' batches are counted: 2 x 16 sequences per update
-    assert float(inner[-1]["bsz"]) > 16
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "ck" / "checkpoint_last.pt"))
-    assert state["optimizer_history"][-1]["num_updates"] == 12
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    check_distributed_run([(p.returncode, out) for p, out in zip(procs, outputs)],
+                          tmp_path / "ck")
+
+
+def test_two_processes_under_torchrun(zipf_data, tmp_path):
+    train_cmd = train_args(zipf_data, tmp_path / "ck", *GLOO)
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "--no-python", str(ROOT / "scripts" / "torchrun_train.sh"), *train_cmd[1:]]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**ENV, "PATH": f"{BIN}:{ENV['PATH']}"}, timeout=300)
+    check_distributed_run([(proc.returncode, proc.stdout)], tmp_path / "ck")
