@@ -26,6 +26,7 @@ def test_hydra_train_with_the_shipped_tiny_config(zipf_data, tmp_path):
                 f"common.user_dir={PLUGIN}", "optimization.max_update=12",
                 "criterion.masker_warmup_updates=4", "task.tokens_per_sample=64",
                 "model.max_positions=64", "common.log_format=json", "common.log_interval=4",
+                "common.cpu=true",
                 f"checkpoint.save_dir={tmp_path / 'ck'}", f"hydra.run.dir={tmp_path}"])
     inner = json_logs(proc.stdout, "train_inner")
     assert inner and all(math.isfinite(float(x["loss"])) for x in inner)
@@ -61,7 +62,7 @@ def test_fairseqs_composite_optimizer_steps_the_groups_the_criterion_asks_for(
          "--config-name", "composite", f"task.data={zipf_data}", f"common.user_dir={PLUGIN}",
          "optimization.max_update=10", "criterion.masker_warmup_updates=4",
          "criterion.masker_update_freq=3", "task.tokens_per_sample=64",
-         "model.max_positions=64", f"checkpoint.save_dir={tmp_path / 'ck'}",
+         "model.max_positions=64", "common.cpu=true", f"checkpoint.save_dir={tmp_path / 'ck'}",
          f"hydra.run.dir={tmp_path}"])
     state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
     opt = state["last_optimizer_state"]  # {group: fairseq Adam state}

