@@ -9,13 +9,16 @@ Everything here works on a padded batch `tokens (B, T)` and a boolean `candidate
 - `uniform_select`: `k` units uniformly without replacement (fairseq's random masking).
 - `gumbel_top_k`: `k` units without replacement from softmax(logits / temperature), plus the
   exact Plackett-Luce log-probability of the ordered draw (the masker's policy gradient).
+- `span_select`, `frequency_logits`: the SpanBERT-style and inverse-frequency baselines.
 - `corrupt`: the 80/10/10 rule of BERT / fairseq's `masked_lm` (<mask> / random / unchanged).
+- `fixed_mask`: the comparable yardstick, a uniform mask fixed per sample id.
 
 Randomness always comes from an explicit `torch.Generator`, so a draw is reproducible.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -159,14 +162,91 @@ def corrupt(
     u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
     if starts is not None:  # one decision per word: every piece takes its start's draw
         u = from_word_start(u, starts)
+    r = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    return corrupt_with_draws(tokens, mask, u, r, mask_idx, replacement_ids,
+                              leave_unmasked_prob, random_token_prob)
+
+
+def span_select(
+    units: Tensor, k: Tensor, generator: torch.Generator, p: float = 0.2, max_len: int = 10
+) -> Tensor:
+    """SpanBERT-style choice: spans of consecutive units until exactly k[b] are chosen.
+
+    Span lengths ~ Geometric(p) clipped to max_len (mean ~3.8 with the defaults), starts
+    uniform over the row's units; a span that would overshoot the budget is cut to fit.
+    Consecutive means consecutive *units* (tokens, or words in whole-word mode). Runs per row
+    on the CPU with a CPU generator: a baseline, not a hot path. (B, T) bool.
+    """
+    B, T = units.shape
+    chosen = torch.zeros(B, T, dtype=torch.bool)
+    units_cpu, k_cpu = units.cpu(), k.cpu().tolist()
+    for b in range(B):
+        idx = units_cpu[b].nonzero().squeeze(1)  # positions of this row's units, in order
+        n, need = len(idx), k_cpu[b]
+        taken = torch.zeros(n, dtype=torch.bool)
+        while need > 0:
+            u = torch.rand(2, generator=generator).tolist()
+            length = min(max_len, 1 + int(math.log(1.0 - u[0]) / math.log(1.0 - p)))
+            start = int(u[1] * n)
+            span = [j for j in range(start, min(n, start + length)) if not taken[j]][:need]
+            for j in span:
+                taken[j] = True
+            need -= len(span)
+        chosen[b, idx[taken]] = True
+    return chosen.to(units.device)
+
+
+def frequency_logits(tokens: Tensor, counts: Tensor, exponent: float) -> Tensor:
+    """Logits for choosing rare tokens: p(i) proportional to count(token_i) ** -exponent."""
+    return -exponent * counts.to(tokens.device)[tokens].clamp(min=1).double().log().float()
+
+
+def fixed_mask(
+    tokens: Tensor,
+    candidates: Tensor,
+    sample_ids: Tensor,
+    mask_prob: float,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A uniformly random mask that depends only on (seed, sample id, the sample's tokens).
+
+    The comparable yardstick: the same positions and the same 80/10/10 draws for a sample in
+    every run, whatever the batch it lands in, its padding, or the number of workers. Each row
+    gets its own CPU generator, seeded by (seed, sample id), drawing over its own length.
+    Returns (mask (B, T) bool, corruption draw u (B, T), replacement draw r (B, T)) with u, r
+    uniform in [0, 1), for `corrupt_with_draws`.
+    """
+    B, T = tokens.shape
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    u = torch.ones(B, T)
+    r = torch.zeros(B, T)
+    cand = candidates.cpu()
+    for b, sid in enumerate(sample_ids.tolist()):
+        pos = cand[b].nonzero().squeeze(1)
+        n = int(pos[-1]) + 1 if len(pos) else 0  # the row up to its last candidate: no padding
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(sid))
+        keys, u_row, r_row = torch.rand(3, n, generator=g)
+        keys = torch.where(cand[b, :n], keys, torch.full_like(keys, 2.0))
+        k = int(budget(cand[b].sum().view(1), mask_prob))
+        mask[b, keys.argsort()[:k]] = True
+        u[b, :n], r[b, :n] = u_row, r_row
+    dev = tokens.device
+    return mask.to(dev), u.to(dev), r.to(dev)
+
+
+def corrupt_with_draws(
+    tokens: Tensor,
+    mask: Tensor,
+    u: Tensor,
+    r: Tensor,
+    mask_idx: int,
+    replacement_ids: Tensor,
+    leave_unmasked_prob: float,
+    random_token_prob: float,
+) -> Tensor:
+    """80/10/10 corruption from given uniform draws u (which rule) and r (which token)."""
     keep = mask & (u < leave_unmasked_prob)
     randomise = mask & ~keep & (u < leave_unmasked_prob + random_token_prob)
-    to_mask = mask & ~keep & ~randomise
-
-    out = tokens.masked_fill(to_mask, mask_idx)
-    pick = torch.randint(
-        len(replacement_ids), tokens.shape, generator=generator, device=tokens.device
-    )
-    random_tokens = replacement_ids.to(tokens.device)[pick]
-    return torch.where(randomise, random_tokens, out)
-
+    out = tokens.masked_fill(mask & ~keep & ~randomise, mask_idx)
+    pick = (r * len(replacement_ids)).long().clamp(max=len(replacement_ids) - 1)
+    return torch.where(randomise, replacement_ids.to(tokens.device)[pick], out)

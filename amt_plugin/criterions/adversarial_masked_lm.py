@@ -8,7 +8,8 @@ One forward, per batch of unmasked token blocks `tokens (B, T)`:
    k - k_rand from the masker's softmax(logits / temperature) over the rest, without
    replacement (Gumbel-top-k), keeping log pi(S), the log-probability of that ordered draw.
    During the first --masker-warmup-updates, and with --masking-strategy random, all k are
-   uniform: fairseq's random masking through the same code and budget.
+   uniform: fairseq's random masking through the same code and budget. The other baselines,
+   same budget: `span` (SpanBERT-style geometric spans) and `frequency` (p ~ count^-a).
 3. Corruption 80/10/10 (<mask> / random token / unchanged) and the predictor's forward.
 
 Objective (both players minimise their own loss; gradients never cross):
@@ -27,6 +28,11 @@ masker; r is detached, so L_masker has no path to the predictor. The returned lo
 L_pred + sample_size * L_masker, so that after fairseq divides every gradient by sample_size
 the predictor gets the mean token loss and the masker the mean sequence loss.
 
+Validation also scores the predictor on a *fixed* uniformly random 15% mask (80/10/10),
+seeded per sample id and independent of the strategy, the batch and the worker count: the
+comparable yardstick `fixed_mask_loss` / `fixed_mask_acc`, overall and per frequency bucket
+of the dictionary (top100 / next900 / rest).
+
 Alternation: the masker trains on updates warmup, warmup + N, warmup + 2N, ... (N =
 --masker-update-freq); `groups_to_step` tells the task which parameter groups to step. On
 other updates the masker runs without an autograd graph, and its parameters enter the loss
@@ -35,6 +41,7 @@ find_unused_parameters; the optimizer then leaves the masker untouched.
 """
 
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -49,7 +56,12 @@ from torch import Tensor
 
 from .. import masking
 
+logger = logging.getLogger(__name__)
+
 TOP_TYPES = 100  # "frequent" = the 100 most frequent types of the dictionary
+# Frequency buckets of the fixed-mask metrics, by the type's rank in the dictionary's counts:
+# the 100 most frequent types, the next 900, and the rest.
+BUCKETS = {"top100": (0, 100), "next900": (100, 1000), "rest": (1000, None)}
 
 
 @dataclass
@@ -75,6 +87,26 @@ class AdversarialMaskedLMCriterionConfig(FairseqDataclass):
         default=0.01,
         metadata={"help": "weight of the entropy bonus in the masker's loss (guards against "
                   "collapse onto a few positions)"},
+    )
+    masker_collapse_entropy: float = field(
+        default=1.0,
+        metadata={"help": "warn in the training log when the masker's entropy (nats) falls "
+                  "below this, or when fewer than 20%% of its picks are distinct types"},
+    )
+    frequency_exponent: float = field(
+        default=1.0,
+        metadata={"help": "--masking-strategy frequency: p(token) ~ count(token)^-exponent"},
+    )
+    span_geometric_p: float = field(
+        default=0.2, metadata={"help": "--masking-strategy span: span length ~ Geometric(p)"}
+    )
+    span_max_length: int = field(
+        default=10, metadata={"help": "--masking-strategy span: longest span (units)"}
+    )
+    fixed_mask_seed: int = field(
+        default=0,
+        metadata={"help": "seed of the fixed validation mask; keep it equal across runs that "
+                  "are compared (it does not follow --seed on purpose)"},
     )
     seed: int = II("common.seed")
 
@@ -102,7 +134,9 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             raise ValueError("--masker-warmup-updates must be >= 0")
         self.cfg = cfg
         self.task_cfg = task.cfg
-        self.learned = task.cfg.masking_strategy == "learned"
+        _collapse["threshold"] = cfg.masker_collapse_entropy
+        self.strategy = task.cfg.masking_strategy
+        self.learned = self.strategy == "learned"
         self.mask_idx = task.mask_idx
         self.num_updates = 0
         self._calls_this_update = 0
@@ -125,6 +159,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
                              persistent=False)
         self.register_buffer("freq_rank", rank, persistent=False)
         self.register_buffer("is_top", (rank < TOP_TYPES) & ~is_special, persistent=False)
+        self.register_buffer("counts", torch.tensor(d.count, dtype=torch.long), persistent=False)
         ws = task.is_word_start
         self.register_buffer("is_word_start", ws if ws is not None else torch.zeros(0),
                              persistent=False)
@@ -217,6 +252,13 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
                     self.cfg.masker_temperature, g,
                 )
             chosen = chosen_rand | draw.selected
+        elif self.strategy == "span":
+            cpu_g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+            chosen = masking.span_select(units, k, cpu_g, self.cfg.span_geometric_p,
+                                         self.cfg.span_max_length)
+        elif self.strategy == "frequency":
+            logits = masking.frequency_logits(tokens, self.counts, self.cfg.frequency_exponent)
+            chosen = masking.gumbel_top_k(logits, units, k, 1.0, g).selected
         else:
             chosen = masking.uniform_select(units, k, g)
 
@@ -250,11 +292,15 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             reward = (loss_grid * by_masker).sum(dim=1) / n_by_masker.clamp(min=1)  # (B,)
             masker_loss = reinforce_loss(reward, draw.log_prob, draw.entropy, acted,
                                          self.cfg.masker_entropy_weight)
+            picked_types = tokens[draw.selected]
             logging_output.update(
                 masker_loss=masker_loss.detach() * B,
                 masker_reward=(reward * acted).sum().detach(),
                 masker_acted=acted.sum(),
                 masker_entropy=draw.entropy.detach().sum(),
+                # collapse diagnostic: distinct types among the masker's picks in this batch
+                masker_picks=picked_types.numel(),
+                masker_distinct=picked_types.unique().numel(),
             )
         else:
             # the selection distribution is uniform over the units: entropy log n
@@ -277,7 +323,33 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             masker_chooses=int(chooses),
             masker_trains=int(trains),
         )
+        if not model.training:
+            logging_output.update(self.fixed_mask_metrics(model, sample, tokens, candidates))
         return Outcome(mlm_loss, masker_loss, trains, sample_size, logging_output)
+
+    @torch.no_grad()
+    def fixed_mask_metrics(self, model, sample, tokens: Tensor, candidates: Tensor) -> dict:
+        """The predictor on a fixed uniform 15% mask (80/10/10), the same for a sample in
+        every run: loss and accuracy overall and per frequency bucket (sums and counts)."""
+        ids = sample.get("id", torch.arange(tokens.size(0)))
+        mask, u, r = masking.fixed_mask(tokens, candidates, ids, self.task_cfg.mask_prob,
+                                        self.cfg.fixed_mask_seed)
+        corrupted = masking.corrupt_with_draws(
+            tokens, mask, u, r, self.mask_idx, self.replacement_ids,
+            self.task_cfg.leave_unmasked_prob, self.task_cfg.random_token_prob,
+        )
+        logits = model(corrupted, masked_tokens=mask)[0].float()  # (M, V)
+        targets = tokens[mask]
+        nll = F.cross_entropy(logits, targets, reduction="none")  # (M,) nats
+        correct = logits.argmax(-1) == targets
+        out = {"fixed_n": targets.numel(), "fixed_nll": nll.sum(), "fixed_correct": correct.sum()}
+        rank = self.freq_rank[targets]
+        for name, (lo, hi) in BUCKETS.items():
+            inside = (rank >= lo) & (rank < hi) if hi is not None else rank >= lo
+            out[f"fixed_n_{name}"] = inside.sum()
+            out[f"fixed_nll_{name}"] = (nll * inside).sum()
+            out[f"fixed_correct_{name}"] = (correct & inside).sum()
+        return out
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -307,6 +379,27 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
                            round=1)
         metrics.log_scalar("masked_share", n_masked / max(total("n_candidates"), 1.0),
                            round=4)
+        fixed_n = total("fixed_n")
+        if fixed_n > 0:  # validation only: the comparable yardstick
+            metrics.log_scalar("fixed_mask_loss", total("fixed_nll") / fixed_n / math.log(2),
+                               fixed_n, round=3)
+            metrics.log_scalar("fixed_mask_acc", total("fixed_correct") / fixed_n, fixed_n,
+                               round=4)
+            for name in BUCKETS:
+                n = total(f"fixed_n_{name}")
+                if n > 0:
+                    metrics.log_scalar(f"fixed_mask_loss_{name}",
+                                       total(f"fixed_nll_{name}") / n / math.log(2), n, round=3)
+                    metrics.log_scalar(f"fixed_mask_acc_{name}",
+                                       total(f"fixed_correct_{name}") / n, n, round=4)
+                metrics.log_scalar(f"fixed_mask_share_{name}", n / fixed_n, fixed_n, round=4)
+        picks = total("masker_picks")
+        if picks > 0:
+            metrics.log_scalar("masker_distinct_types", total("masker_distinct") / picks, picks,
+                               round=3)
+        warn_if_collapsing(total("masker_entropy") / max(nsentences, 1),
+                           total("masker_distinct") / picks if picks else 1.0,
+                           total("masker_trains") > 0)
         # guard rails: is the masker choosing / training in these batches (0 during warm-up)
         batches = max(total("batches"), 1.0)
         metrics.log_scalar("masker_chooses", total("masker_chooses") / batches, round=2)
@@ -315,6 +408,26 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+_collapse = {"threshold": 1.0, "calls": 0, "warned_at": None}  # threshold set from the config
+
+
+def warn_if_collapsing(entropy: float, distinct_share: float, masker_trained: bool) -> None:
+    """Log a warning when the masker looks collapsed (then at most every 200 reductions)."""
+    _collapse["calls"] += 1
+    if not masker_trained:
+        return
+    if entropy >= _collapse["threshold"] and distinct_share >= 0.2:
+        return
+    last = _collapse["warned_at"]
+    if last is not None and _collapse["calls"] - last < 200:
+        return
+    _collapse["warned_at"] = _collapse["calls"]
+    logger.warning(
+        "masker may be collapsing: entropy %.3f nats (threshold %.2f), %.0f%% of its picks "
+        "are distinct types. Raise --masker-entropy-weight or --masker-random-share, or "
+        "lower --masker-lr.", entropy, _collapse["threshold"], 100 * distinct_share)
 
 
 @dataclass

@@ -29,15 +29,17 @@ from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 
 logger = logging.getLogger(__name__)
 
-MASKING_STRATEGIES = ["learned", "random"]
+MASKING_STRATEGIES = ["learned", "random", "span", "frequency"]
 
 
 @dataclass
 class AdversarialMaskedLMConfig(MaskedLMConfig):
     masking_strategy: ChoiceEnum(MASKING_STRATEGIES) = field(
         default="learned",
-        metadata={"help": "who picks the positions to mask: the learned masker, or uniformly "
-                  "at random (fairseq's masked_lm, through the same criterion and budget)"},
+        metadata={"help": "who picks the positions to mask: the learned masker; or a baseline "
+                  "through the same criterion and budget: random (fairseq's masked_lm), span "
+                  "(SpanBERT-style geometric spans), frequency (p ~ count^-exponent); "
+                  "whole-word variants of each with --mask-whole-words"},
     )
     word_boundaries: ChoiceEnum(["sentencepiece", "gpt2"]) = field(
         default="sentencepiece",

@@ -28,9 +28,10 @@ def test_gradients_never_cross_between_masker_and_predictor():
     assert any(g is not None and g.abs().sum() > 0 for g in grads(out.masker_loss, masker))
 
 
+@pytest.mark.parametrize("strategy", ["learned", "random", "span", "frequency"])
 @pytest.mark.parametrize("whole_words", [False, True])
-def test_criterion_masks_exactly_the_budget_and_never_specials(whole_words):
-    task, model, criterion = build(whole_words=whole_words, masker_warmup_updates=0)
+def test_criterion_masks_exactly_the_budget_and_never_specials(strategy, whole_words):
+    task, model, criterion = build(strategy, whole_words=whole_words, masker_warmup_updates=0)
     model.train()
     criterion.set_num_updates(0)
     sample = make_sample(task)
@@ -177,3 +178,18 @@ def test_amt_adam_on_flattened_fp16_params_says_which_flag_to_add():
     flat = torch.nn.Parameter(torch.zeros(10))
     with pytest.raises(ValueError, match="--fp16-no-flatten-grads"):
         AMTAdam(AMTAdamConfig(lr=[1e-3]), [flat])
+
+
+def test_fixed_mask_buckets_add_up_and_do_not_depend_on_the_strategy():
+    logs = {}
+    for strategy in ("learned", "random"):
+        task, model, criterion = build(strategy)
+        model.eval()
+        logs[strategy] = criterion.play(model, make_sample(task)).logging_output
+    log = logs["learned"]
+    assert log["fixed_n"] > 0
+    assert sum(int(log[f"fixed_n_{b}"]) for b in ("top100", "next900", "rest")) == log["fixed_n"]
+    total_nll = sum(float(log[f"fixed_nll_{b}"]) for b in ("top100", "next900", "rest"))
+    assert abs(total_nll - float(log["fixed_nll"])) < 1e-3
+    # same model weights (seeded build), same samples: identical yardstick under both strategies
+    assert float(logs["random"]["fixed_nll"]) == pytest.approx(float(log["fixed_nll"]))

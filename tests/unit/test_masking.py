@@ -158,3 +158,47 @@ def test_log_prob_gradient_is_finite_with_excluded_positions_and_full_budgets():
     d.log_prob.sum().backward()
     assert torch.isfinite(logits.grad).all()
     assert torch.equal(d.selected, cand)
+
+
+def test_spans_are_contiguous_runs_of_units_within_budget():
+    tokens = batch(B=64, T=60, seed=3)
+    cand = masking.candidate_mask(tokens, SPECIALS)
+    k = masking.budget(cand.sum(1), 0.3)
+    chosen = masking.span_select(cand, k, gen(0))
+    assert torch.equal(chosen.sum(1), k) and not (chosen & ~cand).any()
+    # runs of chosen positions are longer than uniform choice would give
+    starts = chosen & ~torch.cat([torch.zeros(64, 1, dtype=torch.bool), chosen[:, :-1]], 1)
+    assert chosen.sum() / starts.sum() > 2.0
+
+
+def test_frequency_strategy_prefers_rare_types():
+    counts = torch.ones(100)
+    counts[4:50] = 1000.0  # ids 4..49 frequent, 50..98 rare
+    tokens = batch(B=200, seed=4)
+    cand = masking.candidate_mask(tokens, SPECIALS)
+    k = masking.budget(cand.sum(1), 0.15)
+    logits = masking.frequency_logits(tokens, counts, exponent=1.0)
+    chosen = masking.gumbel_top_k(logits, cand, k, 1.0, gen(0)).selected
+    rare_share_chosen = (tokens[chosen] >= 50).float().mean()
+    rare_share_all = (tokens[cand] >= 50).float().mean()
+    assert rare_share_chosen > 0.95 > rare_share_all
+
+
+def test_fixed_mask_depends_only_on_the_sample_not_its_batch_or_padding():
+    tokens = batch(B=6, T=30, seed=6)
+    cand = masking.candidate_mask(tokens, SPECIALS)
+    ids = torch.tensor([10, 11, 12, 13, 14, 15])
+    mask, u, r = masking.fixed_mask(tokens, cand, ids, 0.15, seed=0)
+    # the same samples, in another order, with extra padding, in a smaller batch
+    order = [4, 1]
+    padded = torch.cat([tokens[order], torch.full((2, 9), PAD)], dim=1)
+    cand2 = masking.candidate_mask(padded, SPECIALS)
+    mask2, u2, r2 = masking.fixed_mask(padded, cand2, ids[order], 0.15, seed=0)
+    assert torch.equal(mask2[:, :30], mask[order]) and not mask2[:, 30:].any()
+    out = masking.corrupt_with_draws(tokens, mask, u, r, MASK, torch.arange(4, MASK), 0.1, 0.1)
+    out2 = masking.corrupt_with_draws(padded, mask2, u2, r2, MASK, torch.arange(4, MASK), 0.1,
+                                      0.1)
+    assert torch.equal(out2[:, :30], out[order])
+    assert torch.equal(mask.sum(1), masking.budget(cand.sum(1), 0.15))
+    other, _, _ = masking.fixed_mask(tokens, cand, ids, 0.15, seed=1)
+    assert not torch.equal(other, mask)
