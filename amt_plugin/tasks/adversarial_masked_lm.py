@@ -23,7 +23,11 @@ from fairseq.data import (
 )
 from fairseq.dataclass import ChoiceEnum
 from fairseq.optim.amp_optimizer import AMPOptimizer
-from fairseq.optim.fp16_optimizer import FP16Optimizer
+from fairseq.optim.fp16_optimizer import (
+    FP16Optimizer,
+    _FP16OptimizerMixin,
+    _MemoryEfficientFP16OptimizerMixin,
+)
 from fairseq.tasks import register_task
 from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 
@@ -40,6 +44,12 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
                   "through the same criterion and budget: random (fairseq's masked_lm), span "
                   "(SpanBERT-style geometric spans), frequency (p ~ count^-exponent); "
                   "whole-word variants of each with --mask-whole-words"},
+    )
+    bf16_autocast: bool = field(
+        default=False,
+        metadata={"help": "bf16 mixed precision: forward passes under bf16 autocast, fp32 "
+                  "weights, gradients and optimizer state, no loss scaling. Use instead of "
+                  "--fp16/--amp/--bf16 (fairseq's --bf16 implies --tpu)"},
     )
     word_boundaries: ChoiceEnum(["sentencepiece", "gpt2"]) = field(
         default="sentencepiece",
@@ -110,10 +120,37 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         )
         self.datasets[split] = SortDataset(dataset, sort_order=[shuffle, src.sizes])
 
+    def autocast(self, model, optimizer=None):
+        """The forward pass's precision: bf16 autocast if asked, fp16 autocast under --amp
+        (as fairseq does), else none."""
+        device = next(model.parameters()).device.type
+        if self.cfg.bf16_autocast:
+            half = (AMPOptimizer, _FP16OptimizerMixin, _MemoryEfficientFP16OptimizerMixin)
+            if isinstance(optimizer, half):
+                raise ValueError("--bf16-autocast replaces --fp16 / --amp / "
+                                 "--memory-efficient-fp16: pass only one of them")
+            return torch.autocast(device, dtype=torch.bfloat16)
+        return torch.autocast(device, dtype=torch.float16,
+                              enabled=isinstance(optimizer, AMPOptimizer))
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        # FairseqTask.train_step, with our autocast (its own would switch bf16 autocast off)
         if hasattr(criterion, "groups_to_step"):
             self.groups_to_step = criterion.groups_to_step(update_num)
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        model.train()
+        model.set_num_updates(update_num)
+        with torch.autograd.profiler.record_function("forward"), self.autocast(model, optimizer):
+            loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:
+            loss *= 0
+        with torch.autograd.profiler.record_function("backward"):
+            optimizer.backward(loss)
+        return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        model.eval()
+        with torch.no_grad(), self.autocast(model):
+            return criterion(model, sample)
 
     def optimizer_step(self, optimizer, model, update_num) -> None:
         """Step the parameter groups chosen for this update; the others do not move at all."""

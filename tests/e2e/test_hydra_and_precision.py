@@ -88,3 +88,13 @@ def test_half_precision_wrappers_keep_the_resting_masker_still(zipf_data, tmp_pa
     assert any(not torch.equal(at_4["model"][k], at_8["model"][k]) for k in masker)
     last = torch.load(ck / "checkpoint_last.pt", weights_only=True)["last_optimizer_state"]
     assert masker_and_predictor_steps(last) == {"predictor": {10}, "masker": {2}}
+
+
+def test_bf16_autocast_trains_and_refuses_to_stack_with_fp16(zipf_data, tmp_path):
+    proc = train(zipf_data, tmp_path / "ck", "--max-update", "4", "--masker-warmup-updates",
+                 "1", "--bf16-autocast", "--log-interval", "2", "--disable-validation")
+    inner = json_logs(proc.stdout, "train_inner")
+    assert inner and all(math.isfinite(float(x["loss"])) for x in inner)
+    with pytest.raises(AssertionError, match="--bf16-autocast replaces --fp16"):
+        train(zipf_data, tmp_path / "ck2", "--max-update", "2", "--bf16-autocast", "--fp16",
+              "--fp16-no-flatten-grads")

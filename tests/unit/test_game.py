@@ -193,3 +193,21 @@ def test_fixed_mask_buckets_add_up_and_do_not_depend_on_the_strategy():
     assert abs(total_nll - float(log["fixed_nll"])) < 1e-3
     # same model weights (seeded build), same samples: identical yardstick under both strategies
     assert float(logs["random"]["fixed_nll"]) == pytest.approx(float(log["fixed_nll"]))
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights():
+    task, model, criterion = build(masker_warmup_updates=0)
+    task.cfg.bf16_autocast = True
+    sample = make_sample(task)
+    model.train()
+    seen = []
+    fc1 = model.encoder.sentence_encoder.layers[0].fc1  # a predictor matmul
+    fc1.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    with task.autocast(model):
+        masker_logits = model.masker(sample["net_input"]["src_tokens"])
+        loss, _, log = criterion(model, sample)
+    assert seen and set(seen) == {torch.bfloat16} and masker_logits.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
