@@ -76,3 +76,14 @@ def test_each_data_parallel_rank_draws_its_own_masks():
             g = criterion._generator(torch.device("cpu"), sample, training=True)
         masks.append(torch.rand(TOKENS_PER_SAMPLE, generator=g))
     assert not torch.equal(masks[0], masks[1])
+
+
+def test_attention_in_both_networks_goes_through_sdpa():
+    task, model, _ = build()
+    model.eval()
+    tokens = make_sample(task)["net_input"]["src_tokens"]
+    with torch.profiler.profile() as prof:
+        model(tokens)
+        model.masker(tokens)
+    calls = sum(e.name == "aten::scaled_dot_product_attention" for e in prof.events())
+    assert calls == len(model.encoder.sentence_encoder.layers) + len(model.masker.layers)
