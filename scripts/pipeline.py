@@ -129,8 +129,23 @@ def check_corpus_dir(path: Path) -> None:
 
 # --- stages ------------------------------------------------------------------------------------
 
+def same_settings(stage_dir: Path, settings: dict) -> None:
+    """A finished stage is reused only if it was made with these settings; never redone
+    over existing output without the user deciding to."""
+    recorded = stage_dir.with_name(stage_dir.name + ".settings.json")
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        if before != settings:
+            raise PipelineError(
+                f"{stage_dir} was made with {before}, not {settings}; use another --out, "
+                f"or delete {stage_dir} (and what follows it) to redo it")
+    else:
+        recorded.write_text(json.dumps(settings))
+
+
 def stage_corpus(args: argparse.Namespace) -> Path:
     text = args.out / "text"
+    same_settings(text, {"corpus": str(args.corpus)})
     if all((text / f"{s}.txt").is_file() for s in SPLITS):
         banner("corpus", f"{text} exists, skipped")
         return text
@@ -179,6 +194,8 @@ def fetch_wikitext(urls: list[str], dest: Path, downloads: Path) -> None:
 
 def stage_bpe(args: argparse.Namespace, text: Path) -> Path:
     bpe = args.out / "bpe"
+    same_settings(bpe, {"bpe": args.bpe, "vocab_size": args.vocab_size}
+                  if args.bpe == "sentencepiece" else {"bpe": args.bpe})
     if all((bpe / f"{s}.bpe").is_file() for s in SPLITS):
         banner("bpe", f"{bpe} exists, skipped")
         return bpe

@@ -159,6 +159,45 @@ def test_download_from_a_local_file_server(tmp_path):
     glue.check_task_dir(glue.TASKS["MRPC"], dest)  # the layout fine-tuning expects
 
 
+def test_wikitext_download_from_a_local_file_server(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pipeline
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "wikitext-103-raw-v1.zip", "w") as z:
+        for split in ("train", "valid", "test"):
+            z.writestr(f"wikitext-103-raw/wiki.{split}.raw",
+                       f" \n = Heading {split} = \n \n Some {split} text . \n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    dest = tmp_path / "text"
+    dest.mkdir()
+    try:  # the first location is down: the mirror is used
+        pipeline.fetch_wikitext([f"http://127.0.0.1:{port}/missing/wikitext-103-raw-v1.zip",
+                                 f"http://127.0.0.1:{port}/wikitext-103-raw-v1.zip"],
+                                dest, tmp_path / "downloads")
+    finally:
+        server.shutdown()
+    assert (dest / "valid.txt").read_text() == "= Heading valid =\nSome valid text .\n"
+
+
+def test_changed_settings_do_not_silently_reuse_or_overwrite_a_stage(corpus, tmp_path):
+    out = tmp_path / "out"
+    (out / "bpe").mkdir(parents=True)
+    (out / "bpe.settings.json").write_text(json.dumps({"bpe": "sentencepiece",
+                                                       "vocab_size": 120}))
+    (out / "bpe" / "spm.model").write_text("made earlier")
+    proc = run_sh("--out", str(out), "--corpus", str(corpus), "--vocab-size", "300", "--cpu",
+                  timeout=120)
+    assert proc.returncode == 2 and "was made with" in proc.stdout, proc.stdout[-2000:]
+    assert (out / "bpe" / "spm.model").read_text() == "made earlier"
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "no_newline", "config", "task",
                                   "glue_files", "gpu", "unwritable"])
 def test_bad_inputs_fail_early_with_a_clear_error(case, corpus, tmp_path):
