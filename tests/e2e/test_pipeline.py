@@ -124,6 +124,29 @@ def test_killed_after_pretraining_resumes_without_redoing_stages(corpus, tmp_pat
     assert "fine-tune" not in third.stdout
 
 
+def gpt2_files(d: Path) -> Path:
+    """A byte-level GPT-2 BPE with no merges: the real format, a tiny vocabulary."""
+    from fairseq.data.encoders.gpt2_bpe_utils import bytes_to_unicode
+
+    d.mkdir()
+    symbols = list(bytes_to_unicode().values())
+    (d / "encoder.json").write_text(json.dumps({c: i for i, c in enumerate(symbols)}))
+    (d / "vocab.bpe").write_text("#version: 0.2\n")
+    (d / "dict.txt").write_text("".join(f"{i} {1000 - i}\n" for i in range(len(symbols))))
+    return d
+
+
+def test_gpt2_bpe_path_pretrains_and_exports(corpus, tmp_path):
+    out = tmp_path / "out"
+    proc = run_sh("--out", str(out), "--corpus", str(corpus), "--bpe", "gpt2", "--gpt2-dir",
+                  str(gpt2_files(tmp_path / "gpt2")), "--skip", "glue,evaluate", *TINY)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    first = (out / "bpe" / "train.bpe").read_text().split("\n")[0].split()
+    assert first and all(x.isdigit() for x in first)  # GPT-2 ids, as fairseq's recipe writes
+    assert (out / "bin" / "dict.txt").read_text() == (tmp_path / "gpt2" / "dict.txt").read_text()
+    assert (out / "learned" / "roberta" / "model.pt").is_file()
+
+
 def test_download_from_a_local_file_server(tmp_path):
     import sys
 
