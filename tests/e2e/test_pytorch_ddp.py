@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent("""
             assert torch.equal(gathered[0], gathered[1]), update
             masker_grad = sum(p.grad.abs().sum() for p in model.masker.parameters())
             assert (masker_grad > 0) == (update in (1, 3)), update
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
         if rank == 0:
             print("DDP OK")
