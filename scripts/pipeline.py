@@ -434,6 +434,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated stages to skip: glue, evaluate")
     args = p.parse_args(argv)
     args.overrides = overrides
+    # absolute paths: fairseq-hydra-train runs in its own working directory
+    args.out = args.out.resolve()
+    args.gpt2_dir = args.gpt2_dir.resolve()
+    if args.glue_dir:
+        args.glue_dir = args.glue_dir.resolve()
+    if args.corpus not in ("ptb", *CORPORA):
+        args.corpus = str(Path(args.corpus).resolve())
     if args.glue is None:
         real = args.glue_dir or args.download_glue
         args.glue = "RTE,MRPC,STS-B,CoLA,SST-2" if real else "SHUF,NEXT"

@@ -63,16 +63,17 @@ def glue_fixtures(root: Path, rows: int = 40) -> Path:
     return root
 
 
-def run_sh(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_sh(*args: str, timeout: int = 900, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=RUN_ENV, timeout=timeout)
+                          text=True, env=RUN_ENV, timeout=timeout, cwd=cwd)
 
 
 def test_glue_path_end_to_end_on_fixtures(corpus, tmp_path):
-    glue_dir = glue_fixtures(tmp_path / "glue")
+    glue_fixtures(tmp_path / "glue")
     out = tmp_path / "out"
-    proc = run_sh("--out", str(out), "--corpus", str(corpus), "--glue-dir", str(glue_dir),
-                  "--glue-update-scale", "0.005", "--glue-lr", "1e-4", *TINY)
+    # relative paths, as a user types them (fairseq-hydra-train changes directory)
+    proc = run_sh("--out", "out", "--corpus", str(corpus), "--glue-dir", "glue",
+                  "--glue-update-scale", "0.005", "--glue-lr", "1e-4", *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-5000:]
     results = json.loads((out / "results.json").read_text())["learned"]
     expected = {"RTE": {"accuracy"}, "MRPC": {"f1", "accuracy"},
