@@ -292,7 +292,9 @@ def stage_glue(args: argparse.Namespace, bpe: Path, data: Path, exported: Path,
             glue.download(task, glue_dir, args.glue_url, args.mrpc_url)
         glue.check_task_dir(task, glue_dir)
     shape = (exported / "roberta_args.txt").read_text().split()
-    model_stamp = (exported / "model.pt").stat().st_mtime_ns  # results of an older model: redo
+    # a cached result counts only for this model and these fine-tuning settings
+    model_stamp = f"{(exported / 'model.pt').stat().st_mtime_ns}:{args.glue_update_scale}:" \
+                  f"{args.glue_lr}"
     results = {}
     for task in args.tasks:
         task_bin = args.out / "glue_bin" / task.name
