@@ -66,7 +66,6 @@ TASKS = {t.name: t for t in [
     Task("SHUF", None, (3,), 1, False, 2, ("mcc", "accuracy"), 3e-4, 32, 300, 30),
     Task("NEXT", None, (3, 4), 0, True, 2, ("f1", "accuracy"), 3e-4, 32, 300, 30),
 ]}
-GLUE_TASKS = ("MNLI", "QNLI", "QQP", "RTE", "SST-2", "MRPC", "CoLA", "STS-B")
 PROXY_TASKS = ("SHUF", "NEXT")
 
 
