@@ -17,7 +17,7 @@ setup(
         # fairseq 0.12.2 does not import on Python >= 3.11; fairseq-fixed is upstream main
         # (2024-01) plus a dataclass fix. Build it with --no-build-isolation --no-deps.
         "fairseq-fixed==0.12.3.1",
-        "torch>=2.1",
+        "torch>=2.6",  # weights-only checkpoint loading; get_total_norm (foreach clipping)
         "numpy",
         "sacrebleu",
         "tensorboardX",
