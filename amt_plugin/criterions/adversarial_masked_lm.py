@@ -55,6 +55,7 @@ from omegaconf import II
 from torch import Tensor
 
 from .. import masking
+from ..models.predictor import PredictorEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +212,9 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         if outcome.masker_trains:
             loss = loss + outcome.masker_loss * outcome.sample_size
         masker = getattr(model, "masker", None)
-        if masker is not None and model.training and not outcome.masker_trains:
-            # every masker parameter in the graph with a zero gradient (see module docstring)
+        if masker is not None and model.training and not outcome.masker_trains and _ddp():
+            # every masker parameter in the graph with a zero gradient (see module docstring);
+            # without data parallelism the optimizer simply skips parameters without one
             loss = loss + 0.0 * sum(p.sum() for p in masker.parameters())
         return loss, outcome.sample_size, outcome.logging_output
 
@@ -230,6 +232,11 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         n = units.sum(dim=1)  # (B,)
         k = masking.budget(n, self.task_cfg.mask_prob)  # (B,)
 
+        # Whether the batch has padding, known on the host for free: the task's `ntokens`
+        # counts the non-pad tokens. Unpadded batches attend without a mask (flash kernels).
+        ntokens = sample.get("ntokens")
+        padded = ntokens != tokens.numel() if isinstance(ntokens, int) else None
+
         masker = getattr(model, "masker", None)
         # Validation uses the masker whenever the strategy is learned (an untrained masker is
         # uniform, so during warm-up that is random masking too).
@@ -246,7 +253,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             k_rand = torch.round(k.double() * self.cfg.masker_random_share).long()
             chosen_rand = masking.uniform_select(units, k_rand, g)
             with torch.set_grad_enabled(trains):
-                masker_logits = masker(tokens)  # (B, T)
+                masker_logits = masker(tokens, padded=padded)  # (B, T)
                 draw = masking.gumbel_top_k(
                     masker_logits, units & ~chosen_rand, k - k_rand,
                     self.cfg.masker_temperature, g,
@@ -272,8 +279,13 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         )
 
         # --- predictor: cross-entropy on the masked positions (fairseq's masked_lm) ---
-        logits = model(corrupted, masked_tokens=mask)[0]  # (M, V), M = mask.sum()
-        targets = tokens[mask]  # (M,)
+        # The step's one read-back to the host: how many positions are masked, and where.
+        flat = mask.flatten().nonzero().squeeze(1)  # (M,) row-major positions over (B, T)
+        if isinstance(getattr(model, "encoder", None), PredictorEncoder):
+            logits = model(corrupted, masked_tokens=flat, padded=padded)[0]  # (M, V)
+        else:  # a stock RoBERTa predictor (--masking-strategy random with --arch roberta)
+            logits = model(corrupted, masked_tokens=mask)[0]
+        targets = tokens.flatten().index_select(0, flat)  # (M,)
         token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (M,) nats
         mlm_loss = token_loss.sum()
         sample_size = targets.numel()
@@ -285,22 +297,25 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             by_masker = draw.selected
             if starts is not None:
                 by_masker = masking.from_word_start(by_masker, starts) & candidates
-            loss_grid = torch.zeros(tokens.shape, dtype=token_loss.dtype, device=tokens.device)
-            loss_grid = loss_grid.masked_scatter(mask, token_loss.detach())  # (B, T)
+            loss_grid = torch.zeros(tokens.numel(), dtype=token_loss.dtype, device=tokens.device)
+            loss_grid = loss_grid.index_copy(0, flat, token_loss.detach()).view_as(tokens)
             n_by_masker = by_masker.sum(dim=1)  # (B,)
             acted = n_by_masker > 0
             reward = (loss_grid * by_masker).sum(dim=1) / n_by_masker.clamp(min=1)  # (B,)
             masker_loss = reinforce_loss(reward, draw.log_prob, draw.entropy, acted,
                                          self.cfg.masker_entropy_weight)
-            picked_types = tokens[draw.selected]
+            # collapse diagnostic: distinct types among the masker's picks in this batch,
+            # counted without reading sizes back to the host
+            picks_per_type = torch.zeros(self.is_top.numel(), dtype=torch.int32,
+                                         device=tokens.device)
+            picks_per_type.scatter_add_(0, tokens.flatten(), draw.selected.flatten().int())
             logging_output.update(
                 masker_loss=masker_loss.detach() * B,
                 masker_reward=(reward * acted).sum().detach(),
                 masker_acted=acted.sum(),
                 masker_entropy=draw.entropy.detach().sum(),
-                # collapse diagnostic: distinct types among the masker's picks in this batch
-                masker_picks=picked_types.numel(),
-                masker_distinct=picked_types.unique().numel(),
+                masker_picks=draw.selected.sum(),
+                masker_distinct=(picks_per_type > 0).sum(),
             )
         else:
             # the selection distribution is uniform over the units: entropy log n
@@ -353,8 +368,10 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
+        sums = sum_logs(logging_outputs)
+
         def total(key: str) -> float:
-            return float(sum(log.get(key, 0) for log in logging_outputs))
+            return sums.get(key, 0.0)
 
         sample_size = total("sample_size")
         nsentences = total("nsentences")
@@ -408,6 +425,24 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def _ddp() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def sum_logs(logging_outputs) -> dict[str, float]:
+    """Sum every key over the logging outputs, reading device tensors back in one transfer
+    (one host-device sync per update instead of one per key)."""
+    sums = {}
+    for log in logging_outputs:
+        for key, value in log.items():
+            sums[key] = sums[key] + value if key in sums else value
+    tensors = [k for k, v in sums.items() if torch.is_tensor(v)]
+    if tensors:
+        values = torch.stack([sums[k].detach().double().reshape(()) for k in tensors]).tolist()
+        sums.update(zip(tensors, values))
+    return {k: float(v) for k, v in sums.items()}
 
 
 _collapse = {"threshold": 1.0, "calls": 0, "warned_at": None}  # threshold set from the config

@@ -6,8 +6,9 @@ The masker sits beside it under `masker.*`. Each parameter carries a `param_grou
 "predictor" or "masker", which the optimizer (`amt_adam`, or fairseq's `composite`) uses to
 give each role its own learning rate and to step one role without moving the other.
 
-`forward` is RoBERTa's forward (the predictor); the criterion calls `model.masker(tokens)`
-separately, so one training step is: masker -> choose positions -> corrupt -> predictor.
+`forward` is RoBERTa's forward (the predictor, `predictor.PredictorEncoder`: RoBERTa's modules
+with fewer host-device syncs); the criterion calls `model.masker(tokens)` separately, so one
+training step is: masker -> choose positions -> corrupt -> predictor.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.roberta import RobertaModel
 from fairseq.models.roberta.model import base_architecture as roberta_base_architecture
 from fairseq.models.roberta.model import roberta_large_architecture
-from fairseq.utils import safe_getattr
+from fairseq.utils import safe_getattr, safe_hasattr
+from omegaconf import OmegaConf
 
 from .masker import Masker
+from .predictor import PredictorEncoder
 
 MASKER = "masker"
 PREDICTOR = "predictor"
@@ -61,8 +64,29 @@ class AMTModel(RobertaModel):
 
     @classmethod
     def build_model(cls, args, task):
+        # RobertaModel.build_model, with the predictor's encoder swapped for the sync-lean
+        # PredictorEncoder (same modules, same parameter names)
+        if OmegaConf.is_config(args):
+            OmegaConf.set_struct(args, False)
         base_architecture(args)
-        return super().build_model(args, task)
+        if not safe_hasattr(args, "max_positions"):
+            if not safe_hasattr(args, "tokens_per_sample"):
+                args.tokens_per_sample = task.max_positions()
+            args.max_positions = args.tokens_per_sample
+        encoder = PredictorEncoder(args, task.source_dictionary)
+        if OmegaConf.is_config(args):
+            OmegaConf.set_struct(args, True)
+        return cls(args, encoder)
+
+    def compile_blocks(self) -> None:
+        """torch.compile every predictor layer and the masker, in place.
+
+        In place (`Module.compile`), so parameter names and checkpoints do not change. The
+        LM head stays eager: its input size (the masked positions) changes every batch.
+        """
+        for layer in self.encoder.sentence_encoder.layers:
+            layer.compile()
+        self.masker.compile()
 
     def predictor_state_dict(self) -> dict:
         """The predictor alone: exactly the keys of a fairseq `roberta` model."""

@@ -33,8 +33,8 @@ class MaskerBlock(nn.Module):
             nn.Linear(embed_dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, embed_dim)
         )
 
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        """x (B, T, C); attend (B, 1, 1, T) bool, True = may attend to that key."""
+    def forward(self, x: Tensor, attend: Tensor | None) -> Tensor:
+        """x (B, T, C); attend (B, 1, 1, T) bool, True = may attend to that key (None: all)."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, C / heads)
@@ -87,14 +87,17 @@ class Masker(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, padded: bool | None = None) -> Tensor:
+        """padded=False promises a batch without padding: attention then runs without a mask
+        (flash attention on GPUs). None checks nothing and always masks the padding."""
         B, T = tokens.shape
         if T > self.embed_positions.num_embeddings:
             raise ValueError(
                 f"sequence of {T} tokens is longer than the masker's "
                 f"{self.embed_positions.num_embeddings} positions; raise --max-positions"
             )
-        attend = tokens.ne(self.padding_idx).view(B, 1, 1, T)  # keys that are not padding
+        # keys that are not padding
+        attend = None if padded is False else tokens.ne(self.padding_idx).view(B, 1, 1, T)
         positions = torch.arange(T, device=tokens.device)
         x = self.embed_tokens(tokens) + self.embed_positions(positions)  # (B, T, C)
         for layer in self.layers:

@@ -5,6 +5,7 @@ import torch
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
 from amt_plugin import masking
+from amt_plugin.criterions import adversarial_masked_lm as criterion_module
 from amt_plugin.criterions.adversarial_masked_lm import reinforce_loss
 from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
 from tests.conftest import build, make_sample
@@ -38,9 +39,12 @@ def test_criterion_masks_exactly_the_budget_and_never_specials(strategy, whole_w
     tokens = sample["net_input"]["src_tokens"]
     seen = {}
 
-    def spy(corrupted, masked_tokens):  # the predictor's inputs, as the criterion made them
-        seen["mask"] = masked_tokens
-        return type(model).forward(model, corrupted, masked_tokens=masked_tokens)
+    def spy(corrupted, masked_tokens, **kwargs):  # the predictor's inputs, as the criterion
+        mask = masked_tokens  # made them: flat positions for the amt predictor, or a mask
+        if mask.dtype != torch.bool:
+            mask = torch.zeros(tokens.numel(), dtype=torch.bool).index_fill_(0, mask, True)
+        seen["mask"] = mask.view_as(tokens)
+        return type(model).forward(model, corrupted, masked_tokens=masked_tokens, **kwargs)
 
     model.forward = spy
     criterion.play(model, sample)
@@ -59,16 +63,26 @@ def test_criterion_masks_exactly_the_budget_and_never_specials(strategy, whole_w
         assert not (cont & ~prev).any()
 
 
-def test_forward_gives_every_parameter_a_gradient_when_the_masker_rests():
-    # warm-up: the masker does not choose, yet DDP must see a gradient for every parameter
+@pytest.mark.parametrize("data_parallel", [True, False])
+def test_resting_masker_gets_zero_gradients_under_data_parallelism_only(
+    data_parallel, monkeypatch
+):
+    # warm-up: the masker does not choose, yet DDP must see a gradient for every parameter;
+    # on one process the anchor is left out (it would only cost kernel launches)
+    monkeypatch.setattr(criterion_module, "_ddp", lambda: data_parallel)
     task, model, criterion = build(masker_warmup_updates=10)
     model.train()
     criterion.groups_to_step(3)
     loss, _, log = criterion(model, make_sample(task))
     loss.backward()
     assert log["masker_chooses"] == 0
-    assert all(p.grad is not None for p in model.parameters())
-    assert all(p.grad.abs().sum() == 0 for p in model.masker.parameters())
+    assert all(p.grad is not None for n, p in model.named_parameters()
+               if not n.startswith("masker."))
+    if data_parallel:
+        assert all(p.grad is not None and p.grad.abs().sum() == 0
+                   for p in model.masker.parameters())
+    else:
+        assert all(p.grad is None for p in model.masker.parameters())
 
 
 def test_one_masker_update_raises_probability_of_high_reward_positions():

@@ -1,0 +1,146 @@
+"""The fast paths compute what the plain ones do: flat-position LM head, padding hint, foreach
+clipping, fused Adam; and one training step reads back to the host only once."""
+
+import collections
+import copy
+
+import pytest
+import torch
+from fairseq import utils
+from fairseq.models.roberta.model import RobertaEncoder
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
+from tests.conftest import build, make_sample
+
+
+def unpadded(task, B: int = 4):
+    tokens = make_sample(task, B=B)["net_input"]["src_tokens"][1:]  # row 0 is the padded one
+    assert not tokens.eq(task.source_dictionary.pad()).any()
+    return tokens
+
+
+def test_predictor_is_robertas_modules_under_robertas_names():
+    task, model, _ = build()
+    stock = RobertaEncoder(copy.deepcopy(model.args), task.source_dictionary)
+    assert model.encoder.state_dict().keys() == stock.state_dict().keys()
+    stock.load_state_dict(model.encoder.state_dict())
+    model.eval(), stock.eval()
+    tokens = make_sample(task)["net_input"]["src_tokens"]
+    assert torch.allclose(model.encoder(tokens)[0], stock(tokens)[0], atol=1e-6)
+
+
+def test_flat_positions_select_the_same_logits_as_a_boolean_mask():
+    task, model, _ = build()
+    model.eval()
+    tokens = make_sample(task)["net_input"]["src_tokens"]
+    mask = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    by_mask = model(tokens, masked_tokens=mask)[0]
+    by_position = model(tokens, masked_tokens=mask.flatten().nonzero().squeeze(1))[0]
+    assert by_mask.shape == by_position.shape
+    assert torch.allclose(by_mask, by_position, atol=1e-6)
+
+
+def test_padding_hint_changes_nothing_but_the_work():
+    task, model, _ = build()
+    model.eval()
+    tokens = unpadded(task)
+    checked = model(tokens)[0]
+    assert torch.allclose(model(tokens, padded=False)[0], checked, atol=1e-5)
+    assert torch.allclose(model(tokens, padded=True)[0], checked, atol=1e-5)
+    assert torch.allclose(model.masker(tokens, padded=False), model.masker(tokens), atol=1e-5)
+    padded = make_sample(task)["net_input"]["src_tokens"]  # row 0 is padded
+    assert torch.allclose(model(padded, padded=True)[0], model(padded)[0], atol=1e-6)
+
+
+class SyncCounter(TorchDispatchMode):
+    """Ops that make a GPU wait for the host: value reads, and data-dependent output sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        bool_index = name.startswith("index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])
+        )
+        if bool_index or name in ("_local_scalar_dense", "nonzero", "masked_select",
+                                  "_unique2", "masked_scatter"):
+            self.syncs[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", ["learned", "random"])
+def test_a_training_step_reads_back_to_the_host_once(strategy):
+    # forward (masker, choice, predictor, both losses) and backward of one micro-batch; the
+    # one read-back is the number of masked positions (fairseq's own masked_lm needs a sync
+    # per layer and two for the LM head, plus one more in the backward)
+    task, model, criterion = build(strategy=strategy, masker_warmup_updates=0)
+    model.train()
+    criterion.groups_to_step(1)
+    sample = make_sample(task)
+    counter = SyncCounter()
+    with counter:
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+    assert dict(counter.syncs) == {"nonzero": 1}
+
+
+def test_logging_outputs_are_reduced_without_reading_values_one_by_one():
+    # the sums are stacked and read back by one .tolist() (a copy that only a GPU run would
+    # show); reading each value (.item(), float()) would show up here as _local_scalar_dense
+    task, model, criterion = build(masker_warmup_updates=0)
+    model.train()
+    criterion.groups_to_step(1)
+    logs = [criterion(model, make_sample(task, seed=s))[2] for s in (0, 1)]
+    counter = SyncCounter()
+    with counter:
+        type(criterion).reduce_metrics(logs)
+    assert not counter.syncs
+
+
+def grads_like(model, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g) * (10.0 if p.param_group == "masker" else 0.1)
+            for p in model.parameters()]
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+def test_foreach_clipping_matches_fairseqs_per_group(max_norm):
+    _, model, _ = build()
+    params = list(model.parameters())
+    opt = AMTAdam(AMTAdamConfig(lr=[1e-3]), params)
+    for p, g in zip(params, grads_like(model)):
+        p.grad = g.clone()
+    reference = {}
+    for role in ("predictor", "masker"):
+        group = [copy.deepcopy(p) for p in params if p.param_group == role]
+        for q, p in zip(group, [p for p in params if p.param_group == role]):
+            q.grad = p.grad.clone()
+        reference[role] = (utils.clip_grad_norm_(group, max_norm), group)
+    joint = opt.clip_grad_norm(max_norm)
+    expected = torch.stack([n for n, _ in reference.values()]).norm()
+    assert torch.allclose(joint, expected, rtol=1e-5)
+    for role, (_, group) in reference.items():
+        mine = [p for p in params if p.param_group == role]
+        assert all(torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8)
+                   for p, q in zip(mine, group))
+
+
+def test_fused_and_foreach_adam_take_the_same_step():
+    _, model, _ = build()
+    _, twin, _ = build()  # the same seed: the same initial weights
+    fused = AMTAdam(AMTAdamConfig(lr=[1e-3], weight_decay=0.01), list(model.parameters()))
+    plain = AMTAdam(AMTAdamConfig(lr=[1e-3], weight_decay=0.01, no_fused_adam=True),
+                    list(twin.parameters()))
+    assert fused.fused and not plain.fused
+    for step in range(3):
+        for m in (model, twin):
+            for p, g in zip(m.parameters(), grads_like(m, seed=step)):
+                p.grad = g
+        fused.step(groups={"predictor", "masker"} if step != 1 else {"predictor"})
+        plain.step(groups={"predictor", "masker"} if step != 1 else {"predictor"})
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
