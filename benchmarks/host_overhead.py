@@ -9,7 +9,10 @@ worth counting, and they can be counted exactly on a CPU: this script runs the r
 `fairseq-train` in-process with a TorchDispatchMode that records every aten call made inside
 `Trainer.train_step` (forward, backward, clipping, optimizer step, logging), and classifies
 the ops that would force a sync on a GPU. Reported per update, median over the updates after
-the first two. Not a test: nothing is asserted.
+the first two. Not counted, because a CPU run cannot see them: device-to-host copies
+(`.cpu()`, `.tolist()`; AMT makes one per update, for the logged sums) and reads of the
+optimizer's step counters, which torch keeps on the host. The aten call counts are CPU ones:
+on a GPU, stock fairseq --fp16 steps one flattened parameter instead of each one.
 """
 
 from __future__ import annotations

@@ -41,7 +41,9 @@ class PaddingAwareTransformerEncoder(TransformerEncoder):
         x, embedding = self.forward_embedding(src_tokens, token_embeddings)
         if padded:
             x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
-        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+        # B x T x C -> T x B x C, contiguous: every layer then sees the same strides (one
+        # compiled graph for all of them under --torch-compile)
+        x = x.transpose(0, 1).contiguous()
         states = [x] if return_all_hiddens else []
         fc_results = []
         for layer in self.layers:

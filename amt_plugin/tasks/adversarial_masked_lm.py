@@ -51,6 +51,11 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
                   "weights, gradients and optimizer state, no loss scaling. Use instead of "
                   "--fp16/--amp/--bf16 (fairseq's --bf16 implies --tpu)"},
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the predictor's layers and the masker (fused "
+                  "kernels; compiling takes a minute or two at start-up). Needs triton on GPUs"},
+    )
     word_boundaries: ChoiceEnum(["sentencepiece", "gpt2"]) = field(
         default="sentencepiece",
         metadata={"help": "how --mask-whole-words finds word starts in the dictionary: "
@@ -101,6 +106,20 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             for i, sym in enumerate(d.symbols)
         ]
         return torch.tensor(table, dtype=torch.bool)
+
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.torch_compile:
+            if not hasattr(model, "compile_blocks"):
+                raise ValueError("--torch-compile works with the amt_* architectures only")
+            if torch.cuda.is_available():
+                from torch.utils._triton import has_triton
+
+                if not has_triton():
+                    raise ValueError("--torch-compile on a GPU needs triton (pip install "
+                                     "triton matching your torch), or leave the flag out")
+            model.compile_blocks()
+        return model
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
         src = self._load_dataset_split(split, epoch, combine)  # token blocks, <s> prepended

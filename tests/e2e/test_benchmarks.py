@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (CPU smoke sizes); they assert nothing about speed."""
 
+import json
 import subprocess
 import sys
 
@@ -10,12 +11,34 @@ from tests.e2e.conftest import ENV, ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_gpu_throughput_script_smoke_run_prints_its_table():
+def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"),
-                           "--smoke"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           "--smoke", "--numerics", "--json", str(tmp_path / "r.json")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    table = lines[lines.index("| run | tokens/s | ratio to stock (same shape) | "
+                              "peak memory (GiB) | MFU |"):]
+    rows = [line for line in table[2:] if line.startswith("| ")][:5]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| stock masked_lm tiny fp32", "| AMT amt_tiny fp32", "| AMT amt_tiny bf16",
+        "| AMT amt_tiny bf16 compiled", "| AMT amt_tiny bf16, random masking (no masker)"]
+    assert rows[0].split(" | ")[2] == "1.00x"
+    assert not any("failed" in r for r in rows)
+    assert any(line.startswith("masker's share of step time, tiny shape") for line in lines)
+    results = json.loads((tmp_path / "r.json").read_text())
+    curves = results["numerics"]
+    assert curves["updates"] == list(range(1, 9)) and len(curves["bf16"]) == 8
+    assert curves["max_gap"] is not None and curves["max_gap"] < 1.0
+
+
+def test_host_overhead_script_counts_fewer_syncs_for_amt_than_stock():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"),
+                           "--updates", "5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
-    assert [r.split(" | ")[0] for r in rows] == [
-        "| stock masked_lm tiny fp32", "| AMT amt_tiny fp32", "| AMT amt_tiny bf16"]
-    assert rows[0].split(" | ")[2] == "1.00x"
+    rows = {r.split(" | ")[0][2:]: r.split(" | ") for r in proc.stdout.splitlines()
+            if r.startswith("| ") and not r.startswith("| run")}
+    syncs = {name: float(cols[2]) for name, cols in rows.items()}
+    assert syncs["AMT learned, masker trains"] < syncs["stock masked_lm, adam"]
