@@ -164,6 +164,8 @@ def benchmark(args, data: Path, cpu: bool) -> list[dict]:
                            mfu=wps * flops / (args.peak_tflops * 1e12))
                 print(f"measured {label}: {wps:,.0f} tokens/s", file=sys.stderr, flush=True)
             shape_rows.append(row)
+            if args.json:  # as we go: a run cut short still leaves what it measured
+                args.json.write_text(json.dumps({"throughput": rows + shape_rows}, indent=1))
         by_role = {r["role"]: r.get("tokens_per_s") for r in shape_rows}
         if by_role.get("with masker") and by_role.get("without masker"):
             share = 1 - by_role["with masker"] / by_role["without masker"]
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         args.numerics_updates = 8
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(Path(tmp), args.vocab, 2000 if args.smoke else 60000)
+        data = make_data(Path(tmp), args.vocab, 2000 if args.smoke else 40000)
         if not args.numerics_only:
             results["throughput"] = benchmark(args, data, cpu)
             device = "CPU (smoke: tiny shapes)" if cpu else "GPU"

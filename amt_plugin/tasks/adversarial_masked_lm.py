@@ -148,6 +148,9 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             if isinstance(optimizer, half):
                 raise ValueError("--bf16-autocast replaces --fp16 / --amp / "
                                  "--memory-efficient-fp16: pass only one of them")
+            if device == "cuda" and not torch.cuda.is_bf16_supported():
+                raise ValueError("--bf16-autocast needs a GPU with bf16 support (Ampere or "
+                                 "newer); on this one use --fp16 --fp16-no-flatten-grads")
             return torch.autocast(device, dtype=torch.bfloat16)
         return torch.autocast(device, dtype=torch.float16,
                               enabled=isinstance(optimizer, AMPOptimizer))

@@ -35,6 +35,22 @@ def test_hydra_train_with_the_shipped_tiny_config(zipf_data, tmp_path):
         "predictor": {12}, "masker": {8}}
 
 
+@pytest.mark.parametrize("config", ["amt_small", "amt_base"])
+def test_shipped_gpu_configs_train_in_bf16(config, zipf_data, tmp_path):
+    # the GPU configs at their real shapes, two updates of 2 x 64 tokens on the CPU
+    proc = run([str(BIN / "fairseq-hydra-train"), "--config-dir", str(ROOT / "configs"),
+                "--config-name", config, f"task.data={zipf_data}",
+                f"common.user_dir={PLUGIN}", "optimization.max_update=2",
+                "optimization.update_freq=[1]", "dataset.batch_size=2",
+                "criterion.masker_warmup_updates=1", "task.tokens_per_sample=64",
+                "model.max_positions=64", "common.log_format=json", "common.log_interval=1",
+                "common.cpu=true", "checkpoint.no_save=true",
+                f"hydra.run.dir={tmp_path}"])
+    assert "bf16_autocast': True" in proc.stdout or '"bf16_autocast": true' in proc.stdout
+    inner = json_logs(proc.stdout, "train_inner")
+    assert len(inner) == 2 and all(math.isfinite(float(x["loss"])) for x in inner)
+
+
 COMPOSITE = """
 optimizer:
   _name: composite

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, on a machine with a CUDA build of torch and no network:
+#
+#   benchmarks/gpu.sh OUTDIR [gpu_throughput.py options]
+#
+# If fairseq does not import, it is installed with its four pure-Python dependencies from the
+# wheels in wheels/ (fetch them beforehand, on a machine with network, with
+# scripts/download_wheels.sh) into a temporary directory put on PYTHONPATH. Then: the unit
+# tests (this Python and torch), the throughput table and bf16-against-fp32 curves
+# (benchmarks/gpu_throughput.py --numerics). Everything lands in OUTDIR as it is measured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: benchmarks/gpu.sh OUTDIR [gpu_throughput.py options]}
+shift
+mkdir -p "$out"
+python=${PYTHON:-python3}
+
+if ! "$python" -c "import fairseq" 2>/dev/null; then
+    site=$(mktemp -d)
+    ls wheels/*.whl >/dev/null 2>&1 || {
+        echo "fairseq is not installed and wheels/ has no wheels: run scripts/download_wheels.sh" >&2
+        exit 2
+    }
+    "$python" -m pip install --quiet --no-index --no-deps --target "$site" wheels/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    "$python" -c "import sys, torch, fairseq; print(sys.version.split()[0], torch.__version__, fairseq.__version__)"
+} | tee "$out/machine.txt"
+"$python" -m pytest -q -p no:logging tests/unit 2>&1 | tee "$out/unit-tests.txt" | tail -3
+"$python" benchmarks/gpu_throughput.py --numerics --json "$out/gpu.json" "$@" \
+    2> "$out/gpu-runs.log" | tee "$out/gpu.md"
