@@ -20,8 +20,9 @@ masker (forward on every update, backward when it trains). The masker's share of
 1 - (tokens/s with the masker) / (tokens/s without it). A run that fails is reported as such
 and the others go on.
 
---numerics trains amt_small twice on the same data and seed, fp32 and bf16 (dropout off), and
-prints both loss curves and the largest gap, in bits.
+--numerics trains amt_small in fp32 and in bf16 on the same data and seed (dropout off), under
+random masking (train loss: the same masks in both runs) and learned masking (fixed-mask
+validation loss), and prints the curves and the largest gap, in bits.
 """
 
 from __future__ import annotations
@@ -194,7 +195,13 @@ def print_table(rows: list[dict], header: str) -> None:
 
 
 def numerics(args, data: Path, cpu: bool) -> dict:
-    """fp32 against bf16 on the same data and seed: loss per logging window, in bits."""
+    """fp32 against bf16 on the same data and seed, in bits.
+
+    Under random masking both runs see the same masks, so their train losses differ only by
+    precision. Under learned masking the two maskers soon choose differently and their train
+    losses are losses on different masks; the comparable curve there is the fixed-mask
+    validation loss (`fixed_mask_loss`), at five points.
+    """
     updates = args.numerics_updates
     flags = ["--user-dir", str(ROOT / "amt_plugin"), "--task", "adversarial_masked_lm",
              "--criterion", "adversarial_masked_lm", "--optimizer", "amt_adam",
@@ -205,53 +212,66 @@ def numerics(args, data: Path, cpu: bool) -> dict:
              "--masker-lr", "1e-3", "--masker-warmup-updates", str(updates // 4),
              "--dropout", "0", "--attention-dropout", "0", "--max-update", str(updates),
              "--no-save", "--log-interval", str(max(1, updates // 20)),
-             "--disable-validation"]
-    curves = {}
-    for name, extra in (("fp32", []), ("bf16", ["--bf16-autocast"])):
-        out = train(data, flags + extra, cpu, args.run_timeout)
-        curves[name] = [(int(u), float(v)) for u, v in _parse_inner(out)]
-    steps = sorted(set(u for u, _ in curves["fp32"]) & set(u for u, _ in curves["bf16"]))
-    fp32, bf16 = dict(curves["fp32"]), dict(curves["bf16"])
-    gaps = [abs(fp32[u] - bf16[u]) for u in steps]
-    return {"updates": steps, "fp32": [fp32[u] for u in steps],
-            "bf16": [bf16[u] for u in steps], "max_gap": max(gaps) if gaps else None,
-            "final_gap": gaps[-1] if gaps else None}
+             "--validate-interval-updates", str(max(1, updates // 5)),
+             "--validate-interval", "1000"]
+    result = {}
+    for strategy, key, kind in (("random", "loss", "train_inner"),
+                                ("learned", "fixed_mask_loss", "valid")):
+        curves = {}
+        for precision, extra in (("fp32", []), ("bf16", ["--bf16-autocast"])):
+            out = train(data, [*flags, "--masking-strategy", strategy, *extra], cpu,
+                        args.run_timeout)
+            curves[precision] = dict(parse_log(out, kind, key))
+        steps = sorted(set(curves["fp32"]) & set(curves["bf16"]))
+        gaps = [abs(curves["fp32"][u] - curves["bf16"][u]) for u in steps]
+        result[strategy] = {
+            "metric": f"{kind} {key}", "updates": steps,
+            "fp32": [curves["fp32"][u] for u in steps],
+            "bf16": [curves["bf16"][u] for u in steps],
+            "max_gap": max(gaps) if gaps else None, "final_gap": gaps[-1] if gaps else None}
+    return result
 
 
-def _parse_inner(out: str) -> list[tuple[str, str]]:
-    """(num_updates, loss) from fairseq's simple-format train_inner lines."""
+def parse_log(out: str, kind: str, key: str) -> list[tuple[int, float]]:
+    """(num_updates, value of key) from fairseq's simple-format lines of one kind."""
     pairs = []
     for line in out.splitlines():
-        if "| train_inner |" not in line:
+        if f"| {kind} |" not in line:
             continue
-        loss = re.search(r"(?<!\w)loss=([\d.]+)", line)
-        upd = re.search(r"num_updates=(\d+)", line)
-        if loss and upd:
-            pairs.append((upd.group(1), loss.group(1)))
+        value = re.search(rf"(?<!\w){key}[ =]([\d.]+)", line)
+        update = re.search(r"num_updates[ =](\d+)", line)
+        if value and update:
+            pairs.append((int(update.group(1)), float(value.group(1))))
     return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--updates", type=int, default=120,
-                   help="updates per run at base shape (twice as many at small shape)")
-    p.add_argument("--batch", type=int, default=64, help="sequences per update")
-    p.add_argument("--tokens", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--vocab", type=int, default=30000)
+    p.add_argument("--updates", type=int,
+                   help="updates per run at base shape, twice as many at small shape "
+                   "(default 120; smoke 6)")
+    p.add_argument("--batch", type=int, help="sequences per update (default 64; smoke 4)")
+    p.add_argument("--tokens", type=int, help="tokens per sequence (default 512; smoke 64)")
+    p.add_argument("--vocab", type=int, help="corpus vocabulary (default 30000; smoke 500)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--shapes", default="base,small")
     p.add_argument("--run-timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--numerics", action="store_true",
                    help="also train fp32 against bf16 and compare the loss curves")
     p.add_argument("--numerics-only", action="store_true")
-    p.add_argument("--numerics-updates", type=int, default=300)
+    p.add_argument("--numerics-updates", type=int, help="default 300; smoke 8")
     p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, a few updates")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU, tiny shape, small defaults (a check that the script runs)")
     args = p.parse_args(argv)
     cpu = args.smoke
-    if args.smoke:
-        args.updates, args.batch, args.tokens, args.vocab, args.shapes = 6, 4, 64, 500, "tiny"
-        args.numerics_updates = 8
+    defaults = dict(updates=6, batch=4, tokens=64, vocab=500, numerics_updates=8) if cpu else \
+        dict(updates=120, batch=64, tokens=512, vocab=30000, numerics_updates=300)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if cpu:
+        args.shapes = "tiny"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp), args.vocab, 2000 if args.smoke else 40000)
@@ -261,14 +281,17 @@ def main(argv: list[str] | None = None) -> int:
             print_table(results["throughput"], f"{device}, {args.batch} x {args.tokens} tokens "
                         f"per update, {args.updates} updates per run (small shape: twice)")
         if args.numerics or args.numerics_only:
-            results["numerics"] = n = numerics(args, data, cpu)
-            print(f"\nbf16 against fp32, {'amt_tiny' if cpu else 'amt_small'}, "
-                  f"{args.numerics_updates} updates, same data and seed, train loss (bits):\n")
-            print("| update | fp32 | bf16 |\n|---|---|---|")
-            for u, a, b in zip(n["updates"], n["fp32"], n["bf16"]):
-                print(f"| {u} | {a:.3f} | {b:.3f} |")
-            if n["max_gap"] is not None:
-                print(f"\nlargest gap {n['max_gap']:.3f} bits, at the end {n['final_gap']:.3f}")
+            results["numerics"] = numerics(args, data, cpu)
+            arch = "amt_tiny" if cpu else "amt_small"
+            for strategy, n in results["numerics"].items():
+                print(f"\nbf16 against fp32, {arch}, {strategy} masking, {args.numerics_updates} "
+                      f"updates, same data and seed: {n['metric']} (bits)\n")
+                print("| update | fp32 | bf16 |\n|---|---|---|")
+                for u, a, b in zip(n["updates"], n["fp32"], n["bf16"]):
+                    print(f"| {u} | {a:.3f} | {b:.3f} |")
+                if n["max_gap"] is not None:
+                    print(f"\nlargest gap {n['max_gap']:.3f} bits, at the end "
+                          f"{n['final_gap']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     failed = [r["run"] for r in results.get("throughput", []) if "error" in r]
