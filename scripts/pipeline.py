@@ -248,7 +248,7 @@ def stage_pretrain(args: argparse.Namespace, data: Path, strategy: str) -> Path:
         f"common.tensorboard_logdir={work / 'tensorboard'}", f"hydra.run.dir={work / 'hydra'}",
     ]
     if args.cpu:  # half precision on a CPU is slow emulation: train in fp32 there
-        overrides += ["common.cpu=true", "common.fp16=false", "task.bf16_autocast=false",
+        overrides += ["common.cpu=true", "common.fp16=false", "++task.bf16_autocast=false",
                       "distributed_training.distributed_world_size=1"]
     else:
         overrides += ["common.cpu=false",

@@ -35,9 +35,13 @@ of the dictionary (top100 / next900 / rest).
 
 Alternation: the masker trains on updates warmup, warmup + N, warmup + 2N, ... (N =
 --masker-update-freq); `groups_to_step` tells the task which parameter groups to step. On
-other updates the masker runs without an autograd graph, and its parameters enter the loss
-as `0 * sum(p)` so every parameter gets a (zero) gradient and DDP needs no
-find_unused_parameters; the optimizer then leaves the masker untouched.
+other updates the masker runs without an autograd graph; under data parallelism its
+parameters enter the loss as `0 * sum(p)` so every parameter gets a (zero) gradient and DDP
+needs no find_unused_parameters. Either way the optimizer leaves the masker untouched.
+
+Host-device syncs: one per forward/backward, `nonzero` on the final mask (how many positions
+the LM head scores). Everything else stays on the device until the logged sums are read back
+together in `reduce_metrics`.
 """
 
 
@@ -440,7 +444,9 @@ def sum_logs(logging_outputs) -> dict[str, float]:
             sums[key] = sums[key] + value if key in sums else value
     tensors = [k for k, v in sums.items() if torch.is_tensor(v)]
     if tensors:
-        values = torch.stack([sums[k].detach().double().reshape(()) for k in tensors]).tolist()
+        device = sums[tensors[0]].device
+        values = torch.stack([sums[k].detach().to(device, torch.float64).reshape(())
+                              for k in tensors]).tolist()
         sums.update(zip(tensors, values))
     return {k: float(v) for k, v in sums.items()}
 
