@@ -109,7 +109,9 @@ class AdversarialMaskedLMTask(MaskedLMTask):
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
-        if self.cfg.torch_compile:
+        # Training only: tools that load a checkpoint to evaluate or fine-tune it
+        # (from_checkpoint) run eager instead of paying the compile time.
+        if self.cfg.torch_compile and not from_checkpoint:
             if not hasattr(model, "compile_blocks"):
                 raise ValueError("--torch-compile works with the amt_* architectures only")
             if torch.cuda.is_available():

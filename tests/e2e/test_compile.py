@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from fairseq import checkpoint_utils
 
-from tests.e2e.conftest import json_logs, train
+import amt_plugin  # noqa: F401  (the task and model the checkpoint names)
+
+from tests.e2e.conftest import BIN, PLUGIN, json_logs, run, train
 
 pytestmark = pytest.mark.slow
 
@@ -22,3 +25,15 @@ def test_compiled_training_follows_eager_and_saves_the_same_checkpoint(zipf_data
     state = torch.load(tmp_path / "compiled" / "checkpoint_last.pt", weights_only=True)
     reference = torch.load(tmp_path / "eager" / "checkpoint_last.pt", weights_only=True)
     assert state["model"].keys() == reference["model"].keys()
+    # evaluation loads the compiled run's checkpoint and runs eager (no compile time)
+    valid = run([str(BIN / "fairseq-validate"), str(zipf_data), "--user-dir", PLUGIN,
+                 "--path", str(tmp_path / "compiled" / "checkpoint_last.pt"), "--cpu",
+                 "--task", "adversarial_masked_lm", "--criterion", "adversarial_masked_lm",
+                 "--batch-size", "16", "--log-format", "json"])
+    assert "fixed_mask_loss" in valid.stdout
+    [model], _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(tmp_path / "compiled" / "checkpoint_last.pt")])
+    assert task.cfg.torch_compile  # the run's setting travels with the checkpoint ...
+    assert model.masker._compiled_call_impl is None  # ... but loading does not compile
+    assert all(layer._compiled_call_impl is None
+               for layer in model.encoder.sentence_encoder.layers)
