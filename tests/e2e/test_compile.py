@@ -5,7 +5,6 @@ import torch
 from fairseq import checkpoint_utils
 
 import amt_plugin  # noqa: F401  (the task and model the checkpoint names)
-
 from tests.e2e.conftest import BIN, PLUGIN, json_logs, run, train
 
 pytestmark = pytest.mark.slow
