@@ -6,8 +6,9 @@
 # If fairseq does not import, it is installed with its four pure-Python dependencies from the
 # wheels in wheels/ (fetch them beforehand, on a machine with network, with
 # scripts/download_wheels.sh) into a temporary directory put on PYTHONPATH. Then: the unit
-# tests (this Python and torch), the throughput table and bf16-against-fp32 curves
-# (benchmarks/gpu_throughput.py --numerics). Everything lands in OUTDIR as it is measured.
+# tests (this Python and torch), then benchmarks/gpu_throughput.py with the options given
+# (default --numerics: the throughput table and the bf16-against-fp32 curves). Everything
+# lands in OUTDIR as it is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [gpu_throughput.py options]}
@@ -30,5 +31,8 @@ fi
     "$python" -c "import sys, torch, fairseq; print(sys.version.split()[0], torch.__version__, fairseq.__version__)"
 } | tee "$out/machine.txt"
 "$python" -m pytest -q -p no:logging tests/unit 2>&1 | tee "$out/unit-tests.txt" | tail -3
-"$python" benchmarks/gpu_throughput.py --numerics --json "$out/gpu.json" "$@" \
+# no options: everything (about 10 minutes on an H100); or a part, e.g. --shapes base, then
+# --shapes small --numerics
+[ $# -gt 0 ] || set -- --numerics
+"$python" benchmarks/gpu_throughput.py --json "$out/gpu.json" "$@" \
     2> "$out/gpu-runs.log" | tee "$out/gpu.md"
