@@ -205,7 +205,7 @@ def numerics(args, data: Path, cpu: bool) -> dict:
     updates = args.numerics_updates
     flags = ["--user-dir", str(ROOT / "amt_plugin"), "--task", "adversarial_masked_lm",
              "--criterion", "adversarial_masked_lm", "--optimizer", "amt_adam",
-             "--arch", "amt_tiny" if cpu else "amt_small",
+             "--arch", args.numerics_arch,
              "--tokens-per-sample", str(args.tokens), "--batch-size", str(args.batch),
              "--lr", "5e-4", "--warmup-updates", str(max(1, updates // 10)),
              "--lr-scheduler", "polynomial_decay", "--total-num-update", str(updates),
@@ -260,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train fp32 against bf16 and compare the loss curves")
     p.add_argument("--numerics-only", action="store_true")
     p.add_argument("--numerics-updates", type=int, help="default 300; smoke 8")
+    p.add_argument("--numerics-arch", help="default amt_small; smoke amt_tiny")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, tiny shape, small defaults (a check that the script runs)")
     args = p.parse_args(argv)
     cpu = args.smoke
-    defaults = dict(updates=6, batch=4, tokens=64, vocab=500, numerics_updates=8) if cpu else \
-        dict(updates=120, batch=64, tokens=512, vocab=30000, numerics_updates=300)
+    defaults = dict(updates=6, batch=4, tokens=64, vocab=500, numerics_updates=8,
+                    numerics_arch="amt_tiny") if cpu else \
+        dict(updates=120, batch=64, tokens=512, vocab=30000, numerics_updates=300,
+             numerics_arch="amt_small")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"per update, {args.updates} updates per run (small shape: twice)")
         if args.numerics or args.numerics_only:
             results["numerics"] = numerics(args, data, cpu)
-            arch = "amt_tiny" if cpu else "amt_small"
+            arch = args.numerics_arch
             for strategy, n in results["numerics"].items():
                 print(f"\nbf16 against fp32, {arch}, {strategy} masking, {args.numerics_updates} "
                       f"updates, same data and seed: {n['metric']} (bits)\n")
