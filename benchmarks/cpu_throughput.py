@@ -15,32 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from zipf_corpus import make_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-
-
-def make_data(workdir: Path, lines: int) -> Path:
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(5000)]
-    weights = [1 / (i + 1) for i in range(len(words))]
-    for split, n in (("train", lines), ("valid", lines // 20)):
-        with open(workdir / f"{split}.txt", "w") as f:
-            for _ in range(n):
-                f.write(" ".join(rng.choices(words, weights, k=rng.randint(10, 60))) + "\n")
-    subprocess.run([str(BIN / "fairseq-preprocess"), "--only-source",
-                    "--trainpref", str(workdir / "train.txt"),
-                    "--validpref", str(workdir / "valid.txt"),
-                    "--destdir", str(workdir / "bin"), "--workers", "2"],
-                   check=True, capture_output=True, env=ENV)
-    return workdir / "bin"
 
 
 def shape_flags(arch: str) -> list[str]:
@@ -78,7 +63,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=20000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(Path(tmp), args.lines)
+        data = make_corpus(Path(tmp), 5000, args.lines, args.lines // 20, (10, 60), workers=2)
         amt = ["--user-dir", str(ROOT / "amt_plugin"), "--task", "adversarial_masked_lm",
                "--criterion", "adversarial_masked_lm", "--arch", args.arch,
                "--masker-warmup-updates", "0"]

@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from zipf_corpus import make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = (  # fairseq-train in-process, then report the peak GPU memory
@@ -51,22 +52,6 @@ SHAPES = {  # layers, width, heads, ffn; masker layers, width
     "tiny": (2, 128, 2, 512, 2, 32),
 }
 ARCH = {"base": "amt_base", "small": "amt_small", "tiny": "amt_tiny"}
-
-
-def make_data(workdir: Path, vocab: int, lines: int) -> Path:
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(vocab)]
-    weights = [1 / (i + 1) for i in range(vocab)]
-    for split, n in (("train", lines), ("valid", max(10, lines // 100))):
-        with open(workdir / f"{split}.txt", "w") as f:
-            for _ in range(n):
-                f.write(" ".join(rng.choices(words, weights, k=rng.randint(50, 400))) + "\n")
-    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
-                    "--trainpref", str(workdir / "train.txt"),
-                    "--validpref", str(workdir / "valid.txt"),
-                    "--destdir", str(workdir / "bin"), "--workers", str(os.cpu_count() or 1)],
-                   check=True, capture_output=True)
-    return workdir / "bin"
 
 
 def flops_per_token(shape: tuple, vocab: int, tokens: int, amt: bool, masker_trains: bool):
@@ -277,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         args.shapes = "tiny"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(Path(tmp), args.vocab, 2000 if args.smoke else 40000)
+        lines = 2000 if args.smoke else 40000
+        data = make_corpus(Path(tmp), args.vocab, lines, max(10, lines // 100), (50, 400),
+                           workers=os.cpu_count() or 1)
         if not args.numerics_only:
             results["throughput"] = benchmark(args, data, cpu)
             device = "CPU (smoke: tiny shapes)" if cpu else "GPU"

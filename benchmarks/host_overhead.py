@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from zipf_corpus import make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,22 +73,6 @@ class Counter(TorchDispatchMode):
             if is_sync(func, args):
                 self.syncs[func.__name__.split(".")[0]] += 1
         return func(*args, **(kwargs or {}))
-
-
-def make_data(workdir: Path) -> Path:
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(2000)]
-    weights = [1 / (i + 1) for i in range(len(words))]
-    for split, n in (("train", 3000), ("valid", 100)):
-        with open(workdir / f"{split}.txt", "w") as f:
-            for _ in range(n):
-                f.write(" ".join(rng.choices(words, weights, k=rng.randint(10, 60))) + "\n")
-    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
-                    "--trainpref", str(workdir / "train.txt"),
-                    "--validpref", str(workdir / "valid.txt"),
-                    "--destdir", str(workdir / "bin"), "--workers", "1"],
-                   check=True, capture_output=True)
-    return workdir / "bin"
 
 
 def count(data: Path, flags: list[str], updates: int) -> tuple[float, float, dict]:
@@ -163,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(Path(tmp))
+        data = make_corpus(Path(tmp), 2000, 3000, 100, (10, 60))
         for name, flags in runs.items():
             ops, syncs, kinds = count(data, flags, args.updates)
             rows.append((name, ops, syncs, kinds))
