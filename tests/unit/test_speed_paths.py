@@ -72,12 +72,14 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("strategy", ["learned", "random"])
-def test_a_training_step_reads_back_to_the_host_once(strategy):
+@pytest.mark.parametrize("strategy,whole_words",
+                         [("learned", False), ("learned", True), ("random", False)])
+def test_a_training_step_reads_back_to_the_host_once(strategy, whole_words):
     # forward (masker, choice, predictor, both losses) and backward of one micro-batch; the
     # one read-back is the number of masked positions (fairseq's own masked_lm needs a sync
     # per layer and two for the LM head, plus one more in the backward)
-    task, model, criterion = build(strategy=strategy, masker_warmup_updates=0)
+    task, model, criterion = build(strategy=strategy, whole_words=whole_words,
+                                   masker_warmup_updates=0)
     model.train()
     criterion.groups_to_step(1)
     sample = make_sample(task)
