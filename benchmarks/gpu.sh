@@ -29,6 +29,7 @@ fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$python" -c "import sys, torch, fairseq; print(sys.version.split()[0], torch.__version__, fairseq.__version__)"
+    "$python" -c "from torch.utils._triton import has_triton; print('triton (for --torch-compile):', has_triton())"
 } | tee "$out/machine.txt"
 "$python" -m pytest -q -p no:logging tests/unit 2>&1 | tee "$out/unit-tests.txt" | tail -3
 # no options: everything (about 10 minutes on an H100); or a part, e.g. --shapes base, then
