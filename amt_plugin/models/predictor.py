@@ -54,7 +54,7 @@ class PaddingAwareTransformerEncoder(TransformerEncoder):
                 fc_results.append(fc)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1)
+        lengths = (~padding_mask).sum(dim=1, dtype=torch.int32).reshape(-1, 1)
         return {  # the same dictionary as fairseq's
             "encoder_out": [x],  # T x B x C
             "encoder_padding_mask": [padding_mask],  # B x T
