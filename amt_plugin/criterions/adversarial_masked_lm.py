@@ -19,7 +19,9 @@ Objective (both players minimise their own loss; gradients never cross):
 
     r_b    = mean CE of the predictor on the positions the masker chose in sequence b
              (detached: the masker maximises the predictor's loss, it does not backprop into it)
-    rbar_b = leave-one-out mean of r over the other sequences of the batch (the baseline)
+    rbar_b = leave-one-out mean of r over the other sequences of the batch (the baseline);
+             in a micro-batch where only one sequence acted (--batch-size 1, an epoch's last
+             batch), a running mean of past batches' rewards (decay 0.9, kept on the device)
     H_b    = entropy of softmax(logits_b / temperature) over b's selectable units
     beta   = --masker-entropy-weight;  B' = sequences where the masker chose something
 
@@ -145,6 +147,9 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         self.mask_idx = task.mask_idx
         self.num_updates = 0
         self._calls_this_update = 0
+        # the masker's fallback baseline (see reinforce_loss); not checkpointed: after a
+        # resume it restarts from the first batch's rewards
+        self._reward_mean: Tensor | None = None
 
         d = task.source_dictionary
         special = list(range(d.nspecial)) + [task.mask_idx]
@@ -307,7 +312,9 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             acted = n_by_masker > 0
             reward = (loss_grid * by_masker).sum(dim=1) / n_by_masker.clamp(min=1)  # (B,)
             masker_loss = reinforce_loss(reward, draw.log_prob, draw.entropy, acted,
-                                         self.cfg.masker_entropy_weight)
+                                         self.cfg.masker_entropy_weight, self._reward_mean)
+            if model.training:
+                self._reward_mean = running_mean(self._reward_mean, reward, acted)
             # collapse diagnostic: distinct types among the masker's picks in this batch,
             # counted without reading sizes back to the host
             picks_per_type = torch.zeros(self.is_top.numel(), dtype=torch.int32,
@@ -483,17 +490,43 @@ class Outcome:
 
 
 def reinforce_loss(
-    reward: Tensor, log_prob: Tensor, entropy: Tensor, acted: Tensor, entropy_weight: float
+    reward: Tensor,
+    log_prob: Tensor,
+    entropy: Tensor,
+    acted: Tensor,
+    entropy_weight: float,
+    fallback_baseline: Tensor | None = None,
 ) -> Tensor:
-    """The masker's loss: -mean (r - leave-one-out mean r) * log pi(S) - beta * mean H.
+    """The masker's loss: -mean (r - baseline) * log pi(S) - beta * mean H.
 
     reward (B,) detached, log_prob (B,), entropy (B,), acted (B,) bool: which rows count.
-    A batch with a single acting sequence has no baseline and gives no policy gradient.
+    The baseline of a row is the mean reward of the other acting rows (leave-one-out). When
+    a row acts alone it has no such baseline: it takes `fallback_baseline` (a scalar tensor,
+    the running mean of past rewards) if given, else it gives no policy gradient.
     """
     reward = reward.detach().float()
     n = acted.sum().clamp(min=1)
     total = (reward * acted).sum()
     baseline = (total - reward) / (n - 1).clamp(min=1)  # (B,)
-    advantage = torch.where(acted & (n > 1), reward - baseline, torch.zeros_like(reward))
+    has_baseline = acted & (n > 1)
+    if fallback_baseline is not None:  # NaN until some batch had an acting row
+        fallback = fallback_baseline.to(baseline)
+        alone = acted & (n == 1) & ~fallback.isnan()
+        baseline = torch.where(alone, fallback, baseline)
+        has_baseline = has_baseline | alone
+    advantage = torch.where(has_baseline, reward - baseline, torch.zeros_like(reward))
     policy = -(advantage * log_prob).sum() / n
     return policy - entropy_weight * (entropy * acted).sum() / n
+
+
+def running_mean(previous: Tensor | None, reward: Tensor, acted: Tensor,
+                 decay: float = 0.9) -> Tensor:
+    """Exponential moving average of the acting rows' mean reward, on the device (no sync).
+    A batch where no row acted leaves it unchanged; the first batch starts it."""
+    reward = reward.detach().float()
+    n = acted.sum()
+    mean = (reward * acted).sum() / n.clamp(min=1)
+    if previous is None:
+        return torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
+    updated = torch.where(previous.isnan(), mean, decay * previous + (1 - decay) * mean)
+    return torch.where(n > 0, updated, previous)

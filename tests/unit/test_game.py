@@ -6,7 +6,7 @@ from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
 from amt_plugin import masking
 from amt_plugin.criterions import adversarial_masked_lm as criterion_module
-from amt_plugin.criterions.adversarial_masked_lm import reinforce_loss
+from amt_plugin.criterions.adversarial_masked_lm import reinforce_loss, running_mean
 from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
 from tests.conftest import build, make_sample
 
@@ -114,6 +114,60 @@ def test_entropy_bonus_pushes_towards_uniform():
     reinforce_loss(torch.zeros(1), draw.log_prob, draw.entropy,
                    torch.ones(1, dtype=torch.bool), entropy_weight=1.0).backward()
     assert logits.grad[0, 0] > 0  # gradient descent lowers the dominant logit
+
+
+
+def one_row_draw():
+    logits = torch.zeros(1, 6, requires_grad=True)
+    draw = masking.gumbel_top_k(logits, torch.ones(1, 6, dtype=torch.bool), torch.tensor([2]),
+                                1.0, torch.Generator().manual_seed(0))
+    return logits, draw
+
+
+@pytest.mark.parametrize("fallback, direction", [(1.0, 1), (3.0, -1)])
+def test_a_row_acting_alone_is_judged_against_the_running_mean(fallback, direction):
+    # reward 2.0 above a running mean of 1.0: the drawn set becomes more likely (and less
+    # likely when the running mean is 3.0); with no running mean, no policy gradient at all
+    logits, draw = one_row_draw()
+    chosen = draw.selected[0]
+    loss = reinforce_loss(torch.tensor([2.0]), draw.log_prob, draw.entropy,
+                          torch.ones(1, dtype=torch.bool), 0.0, torch.tensor(fallback))
+    loss.backward()
+    step = -logits.grad[0]  # gradient descent direction on the masker's logits
+    assert (direction * step[chosen] > 0).all() and (direction * step[~chosen] < 0).all()
+    for missing in (None, torch.tensor(float("nan"))):  # none yet: no signal, and no NaN
+        logits, draw = one_row_draw()
+        reinforce_loss(torch.tensor([2.0]), draw.log_prob, draw.entropy,
+                       torch.ones(1, dtype=torch.bool), 0.0, missing).backward()
+        assert torch.equal(logits.grad, torch.zeros_like(logits.grad))
+
+
+def test_running_mean_of_rewards_starts_decays_and_skips_batches_without_masker_picks():
+    acted = torch.tensor([True, True, False])
+    first = running_mean(None, torch.tensor([1.0, 3.0, 100.0]), acted)
+    assert first.item() == pytest.approx(2.0)  # rows that did not act do not count
+    second = running_mean(first, torch.tensor([12.0, 12.0, 0.0]), acted)
+    assert second.item() == pytest.approx(0.9 * 2.0 + 0.1 * 12.0)
+    none = torch.zeros(3, dtype=torch.bool)
+    assert running_mean(second, torch.tensor([50.0, 50.0, 50.0]), none).item() == second.item()
+    assert running_mean(None, torch.zeros(3), none).isnan()
+    assert running_mean(running_mean(None, torch.zeros(3), none),
+                        torch.tensor([4.0, 0.0, 0.0]), acted[[0, 2, 2]]).item() == 4.0
+
+
+def test_masker_learns_from_single_sequence_micro_batches():
+    # --batch-size 1: no leave-one-out baseline exists; the running mean of earlier batches'
+    # rewards stands in, so the masker's policy gradient is not zero
+    task, model, criterion = build(masker_warmup_updates=0, masker_entropy_weight=0.0)
+    model.train()
+    criterion.groups_to_step(0)
+    single = [make_sample(task, B=1, seed=s) for s in range(3)]
+    first = criterion.play(model, single[0])
+    masker = list(model.masker.parameters())
+    assert all(g is None or not g.any() for g in grads(first.masker_loss, masker))
+    assert criterion._reward_mean is not None and not criterion._reward_mean.isnan()
+    later = criterion.play(model, single[1])
+    assert any(g is not None and g.abs().sum() > 0 for g in grads(later.masker_loss, masker))
 
 
 def fill_grads(model, seed: int = 0):
