@@ -269,7 +269,8 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
                 )
             chosen = chosen_rand | draw.selected
         elif self.strategy == "span":
-            cpu_g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+            seed = int(torch.randint(2**62, (1,), generator=g, device=g.device))
+            cpu_g = torch.Generator().manual_seed(seed)
             chosen = masking.span_select(units, k, cpu_g, self.cfg.span_geometric_p,
                                          self.cfg.span_max_length)
         elif self.strategy == "frequency":
