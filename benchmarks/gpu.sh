@@ -6,9 +6,10 @@
 # If fairseq does not import, it is installed with its four pure-Python dependencies from the
 # wheels in wheels/ (fetch them beforehand, on a machine with network, with
 # scripts/download_wheels.sh) into a temporary directory put on PYTHONPATH. Then: the unit
-# tests (this Python and torch), then benchmarks/gpu_throughput.py with the options given
-# (default --numerics: the throughput table and the bf16-against-fp32 curves). Everything
-# lands in OUTDIR as it is measured.
+# tests (this Python and torch; tests/unit/test_devices.py also runs every strategy on CUDA),
+# then benchmarks/gpu_throughput.py with the options given (default: --numerics --time-budget
+# 420, i.e. the throughput table and the bf16-against-fp32 curves, the decisive rows first,
+# within about 8 minutes in all on an H100). Everything lands in OUTDIR as it is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [gpu_throughput.py options]}
@@ -32,8 +33,8 @@ fi
     "$python" -c "from torch.utils._triton import has_triton; print('triton (for --torch-compile):', has_triton())"
 } | tee "$out/machine.txt"
 "$python" -m pytest -q -p no:logging tests/unit 2>&1 | tee "$out/unit-tests.txt" | tail -3
-# no options: everything (about 10 minutes on an H100); or a part, e.g. --shapes base, then
-# --shapes small --numerics
-[ $# -gt 0 ] || set -- --numerics
+# no options: everything that fits in 7 minutes, most decisive first (see gpu_throughput.py);
+# or choose, e.g. --rows compiled,fp16 --time-budget 400 for what a first run had to skip
+[ $# -gt 0 ] || set -- --numerics --time-budget 420
 "$python" benchmarks/gpu_throughput.py --json "$out/gpu.json" "$@" \
     2> "$out/gpu-runs.log" | tee "$out/gpu.md"

@@ -12,6 +12,13 @@ Per shape (base = RoBERTa-base, small = amt_small's 12 x 256):
   stock masked_lm --fp16 (the baseline) | AMT --fp16 | AMT bf16 | AMT bf16 --torch-compile
   | AMT bf16 with --masking-strategy random (the same run without the masker's work)
 
+Runs go in order of what they decide, across shapes: the two targets (stock and AMT bf16 at
+base, then at small), the random-masking rows (the masker's share), the bf16-against-fp32
+curves (--numerics), the compiled rows (small, then base), then the --fp16 rows. With
+--time-budget the script starts no run it has no time left for and reports those rows as
+skipped, so one short session on a GPU machine gets the decisive numbers first. Each row is
+printed as it is measured and written to --json.
+
 tokens/s is fairseq's `wps`, median over the logging windows after the first third; peak
 memory is torch.cuda.max_memory_allocated; MFU = tokens/s x training FLOPs per token / the
 card's dense bf16 peak (--peak-tflops, default 989: H100 SXM). FLOPs per token count the
@@ -35,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from zipf_corpus import make_corpus
@@ -98,68 +106,121 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
     return statistics.median(steady), (int(peak[-1]) / 2**30 if peak else float("nan"))
 
 
-def runs_for(name: str, half: list[str], amt: list[str], stock_shape: list[str]) -> list:
-    """(label, flags, is_amt, role) for one shape; role names the rows ratios refer to."""
+# Row kinds, in the order the table shows them; PRIORITY is the order they run in.
+KINDS = ("baseline", "fp16", "bf16", "compiled", "random")
+PRIORITY = [("base", "baseline"), ("base", "bf16"), ("small", "baseline"), ("small", "bf16"),
+            ("base", "random"), ("small", "random"), "numerics", ("small", "compiled"),
+            ("base", "compiled"), ("base", "fp16"), ("small", "fp16")]
+
+
+def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str, list, bool]:
+    """(label, flags, is_amt) of one row: `kind` of KINDS at shape `name`."""
     arch = ARCH[name]
     precision = "fp16" if half else "fp32"
-    return [
-        (f"stock masked_lm {name} {precision}",
-         ["--task", "masked_lm", "--criterion", "masked_lm", "--optimizer", "adam",
-          *stock_shape, *half], False, "baseline"),
-        (f"AMT {arch} {precision}",
-         [*amt, "--arch", arch, *half, *(["--fp16-no-flatten-grads"] if half else [])],
-         True, ""),
-        (f"AMT {arch} bf16", [*amt, "--arch", arch, "--bf16-autocast"], True, "with masker"),
-        (f"AMT {arch} bf16 compiled",
-         [*amt, "--arch", arch, "--bf16-autocast", "--torch-compile"], True, ""),
-        (f"AMT {arch} bf16, random masking (no masker)",
-         [*amt, "--arch", arch, "--bf16-autocast", "--masking-strategy", "random"],
-         False, "without masker"),
-    ]
+    if kind == "baseline":
+        layers, d, heads, ffn = SHAPES[name][:4]
+        return (f"stock masked_lm {name} {precision}",
+                ["--task", "masked_lm", "--criterion", "masked_lm", "--optimizer", "adam",
+                 "--arch", "roberta", "--encoder-layers", str(layers),
+                 "--encoder-embed-dim", str(d), "--encoder-attention-heads", str(heads),
+                 "--encoder-ffn-embed-dim", str(ffn), *half], False)
+    bf16 = [*amt, "--arch", arch, "--bf16-autocast"]
+    return {
+        "fp16": (f"AMT {arch} {precision}",
+                 [*amt, "--arch", arch, *half, *(["--fp16-no-flatten-grads"] if half else [])],
+                 True),
+        "bf16": (f"AMT {arch} bf16", bf16, True),
+        "compiled": (f"AMT {arch} bf16 compiled", [*bf16, "--torch-compile"], True),
+        "random": (f"AMT {arch} bf16, random masking (no masker)",
+                   [*bf16, "--masking-strategy", "random"], False),
+    }[kind]
 
 
-def benchmark(args, data: Path, cpu: bool) -> list[dict]:
+class Clock:
+    """The --time-budget: how many seconds a run may still take (None: no budget)."""
+
+    MIN_RUN = 45  # seconds: below this a run would only start up and be killed
+
+    def __init__(self, budget: float | None) -> None:
+        self.deadline = None if budget is None else time.monotonic() + budget
+
+    def allowance(self, timeout: int) -> int | None:
+        """Timeout for the next run, or None when there is no time left to start one."""
+        if self.deadline is None:
+            return timeout
+        left = int(self.deadline - time.monotonic())
+        return min(timeout, left) if left >= self.MIN_RUN else None
+
+
+def measure(args, data: Path, cpu: bool, name: str, kind: str, clock: Clock) -> dict:
+    """One throughput row (an error or skip is recorded in the row, never raised)."""
     common = ["--tokens-per-sample", str(args.tokens), "--batch-size", str(args.batch),
               "--lr", "1e-4", "--weight-decay", "0.01", "--adam-betas", "(0.9,0.98)"]
     amt = ["--user-dir", str(ROOT / "amt_plugin"), "--task", "adversarial_masked_lm",
            "--criterion", "adversarial_masked_lm", "--optimizer", "amt_adam",
            "--masker-warmup-updates", "0"]
-    half = [] if cpu else ["--fp16"]
-    rows = []
-    for name in args.shapes.split(","):
-        shape = SHAPES[name]
-        layers, d, heads, ffn = shape[:4]
-        stock_shape = ["--arch", "roberta", "--encoder-layers", str(layers),
-                       "--encoder-embed-dim", str(d), "--encoder-attention-heads",
-                       str(heads), "--encoder-ffn-embed-dim", str(ffn)]
-        updates = args.updates * (2 if name == "small" else 1)  # fast steps: more of them
-        base = None
-        shape_rows = []
-        for label, flags, is_amt, role in runs_for(name, half, amt, stock_shape):
-            row = {"run": label, "shape": name, "role": role, "updates": updates}
-            try:
-                wps, mem = throughput(data, common + flags, updates, cpu, args.run_timeout)
-            except RuntimeError as e:
-                row["error"] = str(e).strip().splitlines()[-1][:160] if str(e).strip() else "?"
-                print(f"FAILED {label}:\n{e}", file=sys.stderr, flush=True)
-            else:
-                base = wps if role == "baseline" else base
-                flops = flops_per_token(shape, args.vocab, args.tokens, is_amt, True)
-                row.update(tokens_per_s=wps, peak_gib=mem,
-                           ratio=wps / base if base else None,
-                           mfu=wps * flops / (args.peak_tflops * 1e12))
-                print(f"measured {label}: {wps:,.0f} tokens/s", file=sys.stderr, flush=True)
-            shape_rows.append(row)
-            if args.json:  # as we go: a run cut short still leaves what it measured
-                args.json.write_text(json.dumps({"throughput": rows + shape_rows}, indent=1))
-        by_role = {r["role"]: r.get("tokens_per_s") for r in shape_rows}
-        if by_role.get("with masker") and by_role.get("without masker"):
-            share = 1 - by_role["with masker"] / by_role["without masker"]
-            for r in shape_rows:
-                if r["role"] == "with masker":
-                    r["masker_share"] = share
-        rows += shape_rows
-    return rows
+    label, flags, is_amt = row_spec(name, kind, [] if cpu else ["--fp16"], amt)
+    updates = args.updates * (2 if name == "small" else 1)  # fast steps: more of them
+    row = {"run": label, "shape": name, "kind": kind, "updates": updates}
+    timeout = clock.allowance(args.run_timeout)
+    if timeout is None:
+        row["error"] = "skipped: no time left in --time-budget"
+        return row
+    try:
+        wps, mem = throughput(data, common + flags, updates, cpu, timeout)
+    except RuntimeError as e:
+        row["error"] = str(e).strip().splitlines()[-1][:160] if str(e).strip() else "?"
+        print(f"FAILED {label}:\n{e}", file=sys.stderr, flush=True)
+        return row
+    flops = flops_per_token(SHAPES[name], args.vocab, args.tokens, is_amt, True)
+    row.update(tokens_per_s=wps, peak_gib=mem, mfu=wps * flops / (args.peak_tflops * 1e12))
+    return row
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Ratios to the same shape's stock row, and the masker's share of step time."""
+    by = {(r["shape"], r["kind"]): r.get("tokens_per_s") for r in rows}
+    for r in rows:
+        base = by.get((r["shape"], "baseline"))
+        r["ratio"] = r["tokens_per_s"] / base if base and "tokens_per_s" in r else None
+        plain = by.get((r["shape"], "random"))
+        if r["kind"] == "bf16" and "tokens_per_s" in r and plain:
+            r["masker_share"] = 1 - r["tokens_per_s"] / plain
+    order = {k: i for i, k in enumerate(KINDS)}
+    return sorted(rows, key=lambda r: (r["shape"] != "base", order[r["kind"]]))
+
+
+def run_all(args, data: Path, cpu: bool) -> dict:
+    """Every selected row and the numerics, in PRIORITY order, within the time budget."""
+    clock = Clock(args.time_budget)
+    shapes = ["tiny"] if cpu else args.shapes.split(",")
+    kinds = args.rows.split(",")
+    if cpu:  # the smoke run: the tiny shape stands in for both
+        plan = [("tiny", k) for k in ("baseline", "bf16", "random", "compiled", "fp16")]
+        plan.append("numerics")
+    else:
+        plan = [job for job in PRIORITY
+                if job == "numerics" or (job[0] in shapes and job[1] in kinds)]
+    if args.numerics_only:
+        plan = ["numerics"]
+    elif not (args.numerics or args.numerics_only):
+        plan = [job for job in plan if job != "numerics"]
+    results: dict = {"throughput": []}
+    for job in plan:
+        if job == "numerics":
+            results["numerics"] = numerics(args, data, cpu, clock)
+        else:
+            row = measure(args, data, cpu, *job, clock)
+            results["throughput"].append(row)
+            done = f"{row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row else \
+                row["error"]
+            print(f"{row['run']}: {done}", flush=True)
+        if args.json:  # as we go: a run cut short still leaves what it measured
+            args.json.write_text(json.dumps(results, indent=1))
+    results["throughput"] = with_ratios(results["throughput"])
+    if not results["throughput"]:
+        del results["throughput"]
+    return results
 
 
 def print_table(rows: list[dict], header: str) -> None:
@@ -168,7 +229,8 @@ def print_table(rows: list[dict], header: str) -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['run']} | failed: {r['error']} | | | |")
+            status = r["error"] if r["error"].startswith("skipped") else f"failed: {r['error']}"
+            print(f"| {r['run']} | {status} | | | |")
             continue
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else "n/a"
         print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} | "
@@ -179,7 +241,7 @@ def print_table(rows: list[dict], header: str) -> None:
                   f"{100 * r['masker_share']:.1f}%")
 
 
-def numerics(args, data: Path, cpu: bool) -> dict:
+def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
     """fp32 against bf16 on the same data and seed, in bits.
 
     Under random masking both runs see the same masks, so their train losses differ only by
@@ -204,9 +266,22 @@ def numerics(args, data: Path, cpu: bool) -> dict:
                                 ("learned", "fixed_mask_loss", "valid")):
         curves = {}
         for precision, extra in (("fp32", []), ("bf16", ["--bf16-autocast"])):
-            out = train(data, [*flags, "--masking-strategy", strategy, *extra], cpu,
-                        args.run_timeout)
+            timeout = clock.allowance(args.run_timeout)
+            try:
+                if timeout is None:
+                    raise RuntimeError("skipped: no time left in --time-budget")
+                out = train(data, [*flags, "--masking-strategy", strategy, *extra], cpu,
+                            timeout)
+            except RuntimeError as e:
+                print(f"FAILED numerics {strategy} {precision}:\n{e}", file=sys.stderr,
+                      flush=True)
+                result[strategy] = {"metric": f"{kind} {key}",
+                                    "error": f"{precision}: {str(e).splitlines()[-1][:160]}"}
+                break
             curves[precision] = dict(parse_log(out, kind, key))
+            print(f"numerics, {strategy} masking, {precision}: done", flush=True)
+        if strategy in result:
+            continue
         steps = sorted(set(curves["fp32"]) & set(curves["bf16"]))
         gaps = [abs(curves["fp32"][u] - curves["bf16"][u]) for u in steps]
         result[strategy] = {
@@ -240,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, help="corpus vocabulary (default 30000; smoke 500)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--shapes", default="base,small")
+    p.add_argument("--rows", default=",".join(KINDS),
+                   help=f"which rows per shape, of {','.join(KINDS)} (default all)")
+    p.add_argument("--time-budget", type=float,
+                   help="seconds for the whole script: runs that would not fit are skipped "
+                   "(most decisive first; see the module docstring)")
     p.add_argument("--run-timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--numerics", action="store_true",
                    help="also train fp32 against bf16 and compare the loss curves")
@@ -258,33 +338,36 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if cpu:
-        args.shapes = "tiny"
-    results = {}
+    unknown = set(args.rows.split(",")) - set(KINDS) or \
+        set(args.shapes.split(",")) - {"base", "small"}
+    if unknown:
+        p.error(f"unknown --rows or --shapes: {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as tmp:
         lines = 2000 if args.smoke else 40000
         data = make_corpus(Path(tmp), args.vocab, lines, max(10, lines // 100), (50, 400),
                            workers=os.cpu_count() or 1)
-        if not args.numerics_only:
-            results["throughput"] = benchmark(args, data, cpu)
-            device = "CPU (smoke: tiny shapes)" if cpu else "GPU"
-            print_table(results["throughput"], f"{device}, {args.batch} x {args.tokens} tokens "
-                        f"per update, {args.updates} updates per run (small shape: twice)")
-        if args.numerics or args.numerics_only:
-            results["numerics"] = numerics(args, data, cpu)
-            arch = args.numerics_arch
-            for strategy, n in results["numerics"].items():
-                print(f"\nbf16 against fp32, {arch}, {strategy} masking, {args.numerics_updates} "
-                      f"updates, same data and seed: {n['metric']} (bits)\n")
-                print("| update | fp32 | bf16 |\n|---|---|---|")
-                for u, a, b in zip(n["updates"], n["fp32"], n["bf16"]):
-                    print(f"| {u} | {a:.3f} | {b:.3f} |")
-                if n["max_gap"] is not None:
-                    print(f"\nlargest gap {n['max_gap']:.3f} bits, at the end "
-                          f"{n['final_gap']:.3f}")
+        results = run_all(args, data, cpu)
+    if "throughput" in results:
+        device = "CPU (smoke: tiny shapes)" if cpu else "GPU"
+        print_table(results["throughput"], f"{device}, {args.batch} x {args.tokens} tokens "
+                    f"per update, {args.updates} updates per run (small shape: twice)")
+    arch = args.numerics_arch
+    for strategy, n in results.get("numerics", {}).items():
+        print(f"\nbf16 against fp32, {arch}, {strategy} masking, {args.numerics_updates} "
+              f"updates, same data and seed: {n['metric']} (bits)\n")
+        if "error" in n:
+            print(f"not measured: {n['error']}")
+            continue
+        print("| update | fp32 | bf16 |\n|---|---|---|")
+        for u, a, b in zip(n["updates"], n["fp32"], n["bf16"]):
+            print(f"| {u} | {a:.3f} | {b:.3f} |")
+        if n["max_gap"] is not None:
+            print(f"\nlargest gap {n['max_gap']:.3f} bits, at the end {n['final_gap']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    failed = [r["run"] for r in results.get("throughput", []) if "error" in r]
+    errors = [r.get("error", "") for r in results.get("throughput", [])]
+    errors += [n.get("error", "") for n in results.get("numerics", {}).values()]
+    failed = [e for e in errors if e and "skipped" not in e]  # skipped: out of --time-budget
     return 1 if failed and args.smoke else 0
 
 

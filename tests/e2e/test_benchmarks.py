@@ -34,6 +34,20 @@ def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     assert all(g is not None for g in (random["max_gap"], learned["max_gap"]))
 
 
+def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"),
+                           "--smoke", "--numerics", "--time-budget", "0",
+                           "--json", str(tmp_path / "r.json")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert len(results["throughput"]) == 5
+    assert all(r["error"].startswith("skipped") for r in results["throughput"])
+    assert all("skipped" in n["error"] for n in results["numerics"].values())
+    assert proc.stdout.count("| skipped: no time left in --time-budget |") == 5
+
+
 def test_host_overhead_script_counts_fewer_syncs_for_amt_than_stock():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"),
                            "--updates", "5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
