@@ -11,6 +11,18 @@ device values back to the host:
 - `RobertaLMHead` selects the masked positions with a boolean mask, which syncs in the
   forward and again in the backward. `masked_tokens` may also be a 1-D tensor of flat
   positions (row-major over (B, T)), selected with index_select: no sync in either pass.
+
+and in two places where fairseq's layer spends memory bandwidth under mixed precision:
+
+- fairseq's `gelu` upcasts its input to fp32 and back (`gelu(x.float()).type_as(x)`): two
+  extra passes over the largest activation, (B, T, 4C), and an fp32 copy of it kept for the
+  backward. torch's GELU on bf16 / fp16 already computes in fp32 internally and rounds once,
+  which is the same number.
+- Self-attention goes through torch's `multi_head_attention_forward` with three separate
+  projections, so under autocast the input is cast to bf16 three times and three GEMMs run.
+  `SelfAttention` projects q, k and v in one GEMM over the concatenated weights (the module
+  keeps `q_proj`, `k_proj`, `v_proj`, so the state dict does not change) and calls
+  `scaled_dot_product_attention` on (B, heads, T, C / heads) views.
 """
 
 from __future__ import annotations
@@ -18,14 +30,82 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from fairseq.distributed import fsdp_wrap
 from fairseq.models.roberta.model import RobertaEncoder
-from fairseq.models.transformer import TransformerEncoder
+from fairseq.models.transformer import TransformerConfig, TransformerEncoder
+from fairseq.modules import MultiheadAttention
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.gelu import gelu as fairseq_gelu
+from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from torch import Tensor
 
 
+class SelfAttention(MultiheadAttention):
+    """fairseq's MultiheadAttention, same parameters; encoder self-attention in one QKV GEMM
+    and one SDPA call. Every other use (incremental state, attention weights, quant noise,
+    an attention mask) goes to fairseq's forward."""
+
+    def forward(self, query, key, value, key_padding_mask=None, incremental_state=None,
+                need_weights=True, static_kv=False, attn_mask=None, before_softmax=False,
+                need_head_weights=False):
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if (incremental_state is not None or need_weights or need_head_weights or static_kv
+                or attn_mask is not None or before_softmax or key is not query
+                or value is not query or self.bias_k is not None or self.add_zero_attn
+                or self.onnx_trace or self.skip_embed_dim_check or query.device.type == "xla"
+                or any(m._forward_pre_hooks for m in projections)):
+            return super().forward(query, key, value, key_padding_mask, incremental_state,
+                                   need_weights, static_kv, attn_mask, before_softmax,
+                                   need_head_weights)
+        T, B, C = query.shape
+        H = self.num_heads
+        weight = torch.cat([m.weight for m in projections])  # (3C, C)
+        bias = torch.cat([m.bias for m in projections]) if self.q_proj.bias is not None \
+            else None
+        qkv = F.linear(query, weight, bias)  # (T, B, 3C)
+        # (T, B, 3, H, C / H) -> three (B, H, T, C / H) views
+        q, k, v = qkv.view(T, B, 3, H, C // H).permute(2, 1, 3, 0, 4).unbind(0)
+        attend = None
+        if key_padding_mask is not None:  # fairseq: True = padding; SDPA: True = attend
+            attend = ~key_padding_mask.bool().view(B, 1, 1, T)
+        p = self.dropout_module.p
+        p = p if self.training or self.dropout_module.apply_during_inference else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
+        y = y.permute(2, 0, 1, 3).reshape(T, B, C)  # (B, H, T, C / H) -> (T, B, C)
+        return self.out_proj(y), None
+
+
+class PredictorLayer(TransformerEncoderLayerBase):
+    """fairseq's encoder layer with `SelfAttention` and torch's GELU (see module doc)."""
+
+    def __init__(self, cfg, return_fc: bool = False) -> None:
+        super().__init__(cfg, return_fc=return_fc)
+        if self.activation_fn is fairseq_gelu:
+            self.activation_fn = F.gelu
+
+    def build_self_attention(self, embed_dim, cfg):
+        return SelfAttention(
+            embed_dim, cfg.encoder.attention_heads, dropout=cfg.attention_dropout,
+            self_attention=True, q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
+            xformers_att_config=cfg.encoder.xformers_att_config,
+        )
+
+
 class PaddingAwareTransformerEncoder(TransformerEncoder):
-    """fairseq's TransformerEncoder; `padded` decided once per forward, not once per layer."""
+    """fairseq's TransformerEncoder; `padded` decided once per forward, not once per layer;
+    its layers are `PredictorLayer`s."""
+
+    def build_encoder_layer(self, args):
+        # fairseq's TransformerEncoderBase.build_encoder_layer, with our layer class
+        cfg = TransformerConfig.from_namespace(args)
+        layer = PredictorLayer(cfg, return_fc=self.return_fc)
+        checkpoint = cfg.checkpoint_activations
+        if checkpoint:
+            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+        return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
 
     def forward(
         self,
@@ -68,6 +148,11 @@ class PaddingAwareTransformerEncoder(TransformerEncoder):
 
 class PredictorEncoder(RobertaEncoder):
     """RobertaEncoder taking `padded` and flat-position `masked_tokens`; see module doc."""
+
+    def __init__(self, args, dictionary) -> None:
+        super().__init__(args, dictionary)
+        if self.lm_head.activation_fn is fairseq_gelu:
+            self.lm_head.activation_fn = F.gelu
 
     def build_encoder(self, args, dictionary, embed_tokens):
         encoder = PaddingAwareTransformerEncoder(args, dictionary, embed_tokens)

@@ -30,6 +30,75 @@ def test_predictor_is_robertas_modules_under_robertas_names():
     assert torch.allclose(model.encoder(tokens)[0], stock(tokens)[0], atol=1e-6)
 
 
+def test_predictor_trains_like_roberta_gradients_included():
+    # dropout is off in build(): the same weights must give the same loss and gradients
+    task, model, _ = build()
+    stock = RobertaEncoder(copy.deepcopy(model.args), task.source_dictionary)
+    stock.load_state_dict(model.encoder.state_dict())
+    model.train(), stock.train()
+    tokens = make_sample(task)["net_input"]["src_tokens"]  # row 0 is padded
+    for net in (model.encoder, stock):
+        out = net(tokens)[0]
+        (out.float().log_softmax(-1)[..., 5].sum()).backward()
+    ours = dict(model.encoder.named_parameters())
+    for name, p in stock.named_parameters():
+        assert torch.allclose(ours[name].grad, p.grad, atol=1e-5), name
+
+
+def test_self_attention_matches_fairseqs_with_and_without_padding():
+    from fairseq.modules import MultiheadAttention
+
+    from amt_plugin.models.predictor import SelfAttention
+
+    torch.manual_seed(0)
+    ours = SelfAttention(32, 4, self_attention=True)
+    stock = MultiheadAttention(32, 4, self_attention=True)
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 32, requires_grad=True)  # T x B x C
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    for mask in (None, pad):
+        got, _ = ours(x, x, x, key_padding_mask=mask, need_weights=False)
+        want, _ = stock(x, x, x, key_padding_mask=mask, need_weights=False)
+        assert torch.allclose(got, want, atol=1e-6)
+        g_ours = torch.autograd.grad(got.sum(), [x, *ours.parameters()])
+        g_stock = torch.autograd.grad(want.sum(), [x, *stock.parameters()])
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_ours, g_stock))
+    # attention weights asked for: fairseq's own path, same numbers
+    got, weights = ours(x, x, x, key_padding_mask=pad, need_weights=True)
+    assert weights is not None and torch.allclose(got, stock(x, x, x, pad)[0], atol=1e-6)
+
+
+class OpDtypes(TorchDispatchMode):
+    """aten op name -> list of the dtype of its first tensor argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = collections.defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.seen[func.__name__.split(".")[0]].append(getattr(first, "dtype", None))
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_bf16_autocast_the_predictor_casts_less_than_roberta():
+    # torch's GELU runs on the bf16 activation (fairseq's upcasts it to fp32 and back), and
+    # q, k, v come from one GEMM on one cast of the input instead of three
+    task, model, _ = build()
+    stock = RobertaEncoder(copy.deepcopy(model.args), task.source_dictionary)
+    tokens = unpadded(task)
+    seen = {}
+    for name, net in (("ours", model.encoder), ("stock", stock)):
+        with OpDtypes() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+            net(tokens)[0].float().sum().backward()
+        seen[name] = ops.seen
+    layers = model.args.encoder_layers
+    assert seen["ours"]["gelu"] == [torch.bfloat16] * (layers + 1)  # + the LM head's
+    assert torch.float32 in seen["stock"]["gelu"]
+    assert len(seen["ours"]["_to_copy"]) < len(seen["stock"]["_to_copy"]) - 4 * layers
+
+
 def test_flat_positions_select_the_same_logits_as_a_boolean_mask():
     task, model, _ = build()
     model.eval()
