@@ -1,13 +1,16 @@
 """Tokens/s of AMT against stock fairseq masked_lm, same predictor shape, data and batch.
 
-    .venv/bin/python benchmarks/cpu_throughput.py [--updates 150] [--arch amt_tiny]
+    .venv/bin/python benchmarks/cpu_throughput.py [--updates 100] [--rounds 3] [--arch amt_tiny]
 
-Both runs use the real `fairseq-train` on one synthetic Zipf corpus (made here), one after
-the other in this script, so the ratio compares like with like on this machine. Reported:
-steady-state words per second (fairseq's `wps`, after the first logging window), and the
-ratio AMT / stock. Variants: AMT with learned masking (the masker chooses and trains every
-update), AMT with --masking-strategy random (the same code without the masker's work), and
-learned masking with the masker trained every 4th update. Not a test: nothing is asserted.
+Every run is the real `fairseq-train` on one synthetic Zipf corpus (made here), in this
+script, so the ratio compares like with like on this machine. Variants: stock masked_lm, AMT
+with learned masking (the masker chooses and trains every update), learned masking with the
+masker trained every 4th update, and AMT with --masking-strategy random (the same code
+without the masker's work). They run in rounds, each round every variant once in a rotated
+order, because a CPU's speed drifts over minutes: a ratio is taken within a round, against
+that round's stock run. Reported: steady-state words per second (fairseq's `wps`, median of
+the logging windows after the first; then the median over rounds), and the median ratio to
+stock over rounds with its range. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -58,33 +61,40 @@ def wps(data: Path, updates: int, flags: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=150)
+    parser.add_argument("--updates", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--arch", default="amt_tiny")
     parser.add_argument("--lines", type=int, default=20000)
     args = parser.parse_args()
+    stock = "stock masked_lm (roberta)"
     with tempfile.TemporaryDirectory() as tmp:
         data = make_corpus(Path(tmp), 5000, args.lines, args.lines // 20, (10, 60), workers=2)
         amt = ["--user-dir", str(ROOT / "amt_plugin"), "--task", "adversarial_masked_lm",
                "--criterion", "adversarial_masked_lm", "--arch", args.arch,
                "--masker-warmup-updates", "0"]
         runs = {
-            "stock masked_lm (roberta)": ["--task", "masked_lm", "--criterion", "masked_lm",
-                                          "--arch", "roberta", *shape_flags(args.arch)],
+            stock: ["--task", "masked_lm", "--criterion", "masked_lm",
+                    "--arch", "roberta", *shape_flags(args.arch)],
             "AMT learned, masker every update": [*amt, "--optimizer", "amt_adam"],
             "AMT learned, masker every 4th": [*amt, "--optimizer", "amt_adam",
                                               "--masker-update-freq", "4"],
             "AMT random (no masker work)": [*amt, "--masking-strategy", "random"],
         }
-        results = {}
-        for name, flags in runs.items():
-            results[name] = wps(data, args.updates, flags)
-            print(f"measured {name}: {results[name]:.0f} tokens/s", file=sys.stderr)
-    base = results["stock masked_lm (roberta)"]
-    print(f"\n{args.arch} shape, 32 x 128 tokens per update, {args.updates} updates, "
-          f"{os.cpu_count()} CPU threads\n")
-    print("| run | tokens/s | ratio to stock |\n|---|---|---|")
-    for name, value in results.items():
-        print(f"| {name} | {value:,.0f} | {value / base:.2f}x |")
+        names = list(runs)
+        results: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                results[name].append(wps(data, args.updates, runs[name]))
+                print(f"round {r + 1}: {name}: {results[name][-1]:.0f} tokens/s",
+                      file=sys.stderr, flush=True)
+    print(f"\n{args.arch} shape, 32 x 128 tokens per update, {args.updates} updates per run, "
+          f"{args.rounds} rounds, {os.cpu_count()} CPU threads\n")
+    print("| run | tokens/s (median over rounds) | ratio to stock, median [min, max] |")
+    print("|---|---|---|")
+    for name, values in results.items():
+        ratios = [v / b for v, b in zip(values, results[stock])]
+        print(f"| {name} | {statistics.median(values):,.0f} | "
+              f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] |")
 
 
 if __name__ == "__main__":
