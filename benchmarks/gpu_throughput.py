@@ -14,7 +14,9 @@ Per shape (base = RoBERTa-base, small = amt_small's 12 x 256):
 
 Runs go in order of what they decide, across shapes: the two targets (stock and AMT bf16 at
 base, then at small), the random-masking rows (the masker's share), the bf16-against-fp32
-curves (--numerics), the compiled rows (small, then base), then the --fp16 rows. With
+curves (--numerics), a profile of AMT bf16 at small shape (benchmarks/step_profile.py: where
+the step's time goes, and how long the GPU waits for the host), the compiled rows, the same
+profile at base shape, then the --fp16 rows. With
 --time-budget the script starts no run it has no time left for and reports those rows as
 skipped, so one short session on a GPU machine gets the decisive numbers first. Each row is
 printed as it is measured and written to --json.
@@ -109,8 +111,9 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
 # Row kinds, in the order the table shows them; PRIORITY is the order they run in.
 KINDS = ("baseline", "fp16", "bf16", "compiled", "random")
 PRIORITY = [("base", "baseline"), ("base", "bf16"), ("small", "baseline"), ("small", "bf16"),
-            ("base", "random"), ("small", "random"), "numerics", ("small", "compiled"),
-            ("base", "compiled"), ("base", "fp16"), ("small", "fp16")]
+            ("base", "random"), ("small", "random"), "numerics", ("small", "profile"),
+            ("small", "compiled"), ("base", "compiled"), ("base", "profile"),
+            ("base", "fp16"), ("small", "fp16")]
 
 
 def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str, list, bool]:
@@ -177,6 +180,28 @@ def measure(args, data: Path, cpu: bool, name: str, kind: str, clock: Clock) -> 
     return row
 
 
+def profile(args, data: Path, cpu: bool, name: str, clock: Clock) -> str:
+    """benchmarks/step_profile.py's tables for AMT bf16 at shape `name` (or why not)."""
+    timeout = clock.allowance(args.run_timeout)
+    if timeout is None:
+        return "skipped: no time left in --time-budget"
+    sizes = ["--warmup", "2", "--steps", "2"] if cpu else []
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--arch", ARCH[name],
+           "--batch", str(args.batch), "--tokens", str(args.tokens), "--data", str(data),
+           *sizes]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"failed: timed out after {timeout} s"
+    if proc.returncode != 0:
+        print(f"FAILED profile {name}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}",
+              file=sys.stderr, flush=True)
+        return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:160]}"
+    return proc.stdout.strip()
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Ratios to the same shape's stock row, and the masker's share of step time."""
     by = {(r["shape"], r["kind"]): r.get("tokens_per_s") for r in rows}
@@ -197,10 +222,10 @@ def run_all(args, data: Path, cpu: bool) -> dict:
     kinds = args.rows.split(",")
     if cpu:  # the smoke run: the tiny shape stands in for both
         plan = [("tiny", k) for k in ("baseline", "bf16", "random", "compiled", "fp16")]
-        plan.append("numerics")
+        plan += ["numerics", *([("tiny", "profile")] if args.profile else [])]
     else:
-        plan = [job for job in PRIORITY
-                if job == "numerics" or (job[0] in shapes and job[1] in kinds)]
+        plan = [job for job in PRIORITY if job == "numerics" or (
+            job[0] in shapes and (job[1] in kinds or job[1] == "profile" and args.profile))]
     if args.numerics_only:
         plan = ["numerics"]
     elif not (args.numerics or args.numerics_only):
@@ -209,6 +234,9 @@ def run_all(args, data: Path, cpu: bool) -> dict:
     for job in plan:
         if job == "numerics":
             results["numerics"] = numerics(args, data, cpu, clock)
+        elif job[1] == "profile":
+            results.setdefault("profiles", {})[job[0]] = profile(args, data, cpu, job[0], clock)
+            print(f"profile {job[0]}: done", flush=True)
         else:
             row = measure(args, data, cpu, *job, clock)
             results["throughput"].append(row)
@@ -324,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numerics", action="store_true",
                    help="also train fp32 against bf16 and compare the loss curves")
     p.add_argument("--numerics-only", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile AMT bf16 steps (benchmarks/step_profile.py) per shape")
     p.add_argument("--numerics-updates", type=int, help="default 300; smoke 8")
     p.add_argument("--numerics-arch", help="default amt_small; smoke amt_tiny")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -363,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {u} | {a:.3f} | {b:.3f} |")
         if n["max_gap"] is not None:
             print(f"\nlargest gap {n['max_gap']:.3f} bits, at the end {n['final_gap']:.3f}")
+    for name, text in results.get("profiles", {}).items():
+        print(f"\nprofile, AMT bf16 at {name} shape (benchmarks/step_profile.py)\n\n{text}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     errors = [r.get("error", "") for r in results.get("throughput", [])]
     errors += [n.get("error", "") for n in results.get("numerics", {}).values()]
+    errors += [t for t in results.get("profiles", {}).values() if t.startswith(("failed",
+                                                                                "skipped"))]
     failed = [e for e in errors if e and "skipped" not in e]  # skipped: out of --time-budget
     return 1 if failed and args.smoke else 0
 

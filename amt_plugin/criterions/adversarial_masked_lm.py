@@ -59,6 +59,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 from torch import Tensor
+from torch.profiler import record_function
 
 from .. import masking
 from ..models.predictor import PredictorEncoder
@@ -261,7 +262,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         if chooses:
             k_rand = torch.round(k.double() * self.cfg.masker_random_share).long()
             chosen_rand = masking.uniform_select(units, k_rand, g)
-            with torch.set_grad_enabled(trains):
+            with torch.set_grad_enabled(trains), record_function("masker"):
                 masker_logits = masker(tokens, padded=padded)  # (B, T)
                 draw = masking.gumbel_top_k(
                     masker_logits, units & ~chosen_rand, k - k_rand,
@@ -291,10 +292,11 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         # --- predictor: cross-entropy on the masked positions (fairseq's masked_lm) ---
         # The step's one read-back to the host: how many positions are masked, and where.
         flat = mask.flatten().nonzero().squeeze(1)  # (M,) row-major positions over (B, T)
-        if isinstance(getattr(model, "encoder", None), PredictorEncoder):
-            logits = model(corrupted, masked_tokens=flat, padded=padded)[0]  # (M, V)
-        else:  # a stock RoBERTa predictor (--masking-strategy random with --arch roberta)
-            logits = model(corrupted, masked_tokens=mask)[0]
+        with record_function("predictor"):
+            if isinstance(getattr(model, "encoder", None), PredictorEncoder):
+                logits = model(corrupted, masked_tokens=flat, padded=padded)[0]  # (M, V)
+            else:  # a stock RoBERTa predictor (--masking-strategy random with --arch roberta)
+                logits = model(corrupted, masked_tokens=mask)[0]
         targets = tokens.flatten().index_select(0, flat)  # (M,)
         token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (M,) nats
         mlm_loss = token_loss.sum()

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"),
-                           "--smoke", "--numerics", "--json", str(tmp_path / "r.json")],
+                           "--smoke", "--numerics", "--profile",
+                           "--json", str(tmp_path / "r.json")],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -32,6 +33,9 @@ def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     assert random["updates"] == list(range(1, 9)) and len(random["bf16"]) == 8
     assert learned["metric"] == "valid fixed_mask_loss" and len(learned["updates"]) >= 4
     assert all(g is not None for g in (random["max_gap"], learned["max_gap"]))
+    profile = results["profiles"]["tiny"]  # benchmarks/step_profile.py's tables
+    assert "wall time per update:" in profile and "| predictor |" in profile
+    assert "| op (most host time) |" in proc.stdout
 
 
 def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
