@@ -45,7 +45,7 @@ from torch import Tensor
 class SelfAttention(MultiheadAttention):
     """fairseq's MultiheadAttention, same parameters; encoder self-attention in one QKV GEMM
     and one SDPA call. Every other use (incremental state, attention weights, quant noise,
-    an attention mask) goes to fairseq's forward."""
+    an attention mask, xformers) goes to fairseq's forward."""
 
     def forward(self, query, key, value, key_padding_mask=None, incremental_state=None,
                 need_weights=True, static_kv=False, attn_mask=None, before_softmax=False,
@@ -55,6 +55,7 @@ class SelfAttention(MultiheadAttention):
                 or attn_mask is not None or before_softmax or key is not query
                 or value is not query or self.bias_k is not None or self.add_zero_attn
                 or self.onnx_trace or self.skip_embed_dim_check or query.device.type == "xla"
+                or getattr(self, "use_xformers", False)
                 or any(m._forward_pre_hooks for m in projections)):
             return super().forward(query, key, value, key_padding_mask, incremental_state,
                                    need_weights, static_kv, attn_mask, before_softmax,
