@@ -20,7 +20,7 @@ def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     lines = proc.stdout.splitlines()
     table = lines[lines.index("| run | tokens/s | ratio to stock (same shape) | "
-                              "peak memory (GiB) | MFU |"):]
+                              "peak memory (GiB) | MFU (of 989 TFLOP/s) | of 790 TFLOP/s |"):]
     rows = [line for line in table[2:] if line.startswith("| ")][:5]
     assert [r.split(" | ")[0] for r in rows] == [
         "| stock masked_lm tiny fp32", "| AMT amt_tiny fp32", "| AMT amt_tiny bf16",
@@ -49,7 +49,7 @@ def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
     assert len(results["throughput"]) == 5
     assert all(r["error"].startswith("skipped") for r in results["throughput"])
     assert all("skipped" in n["error"] for n in results["numerics"].values())
-    assert proc.stdout.count("| skipped: no time left in --time-budget |") == 5
+    assert proc.stdout.count("| skipped: no time left in --time-budget | | | | |") == 5
 
 
 def test_host_overhead_script_counts_fewer_syncs_for_amt_than_stock():
