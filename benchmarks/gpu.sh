@@ -9,7 +9,8 @@
 # tests (this Python and torch; tests/unit/test_devices.py also runs every strategy on CUDA),
 # then benchmarks/gpu_throughput.py with the options given (default: --numerics --profile
 # --time-budget 420, i.e. the throughput table, the bf16-against-fp32 curves and where a
-# step's time goes, the decisive rows first, within about 8 minutes in all on an H100). Everything lands in OUTDIR as it is measured.
+# step's time goes, the decisive rows first), then benchmarks/predictor_step.py at base and
+# small shape; about 9 minutes in all on an H100. Everything lands in OUTDIR as it is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [gpu_throughput.py options]}
@@ -38,3 +39,10 @@ fi
 [ $# -gt 0 ] || set -- --numerics --profile --time-budget 420
 "$python" benchmarks/gpu_throughput.py --json "$out/gpu.json" "$@" \
     2> "$out/gpu-runs.log" | tee "$out/gpu.md"
+# the predictor alone against fairseq's RobertaEncoder, same weights (a minute at most)
+if "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    for arch in amt_base amt_small; do
+        timeout 90 "$python" benchmarks/predictor_step.py --arch "$arch" --batch 32 \
+            2>> "$out/gpu-runs.log" | tee -a "$out/predictor.md" || true
+    done
+fi
