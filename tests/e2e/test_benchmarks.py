@@ -61,3 +61,16 @@ def test_host_overhead_script_counts_fewer_syncs_for_amt_than_stock():
             if r.startswith("| ") and not r.startswith("| run")}
     syncs = {name: float(cols[2]) for name, cols in rows.items()}
     assert syncs["AMT learned, masker trains"] < syncs["stock masked_lm, adam"]
+
+
+def test_predictor_step_script_times_both_encoders_in_both_precisions():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "predictor_step.py"),
+                           "--arch", "amt_tiny", "--batch", "2", "--tokens", "32",
+                           "--vocab", "100", "--repeats", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| fp32")
+            or line.startswith("| bf16")]
+    assert [r[0] for r in rows] == ["| fp32", "| bf16"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
