@@ -79,21 +79,27 @@ def flops_per_token(shape: tuple, vocab: int, tokens: int, amt: bool, masker_tra
     return total
 
 
-def train(data: Path, flags: list[str], cpu: bool, timeout: int) -> str:
-    """One fairseq-train run; its whole log. Raises RuntimeError with the log's tail."""
-    cmd = [sys.executable, "-c", LAUNCH, str(data), "--log-format", "simple",
-           "--no-progress-bar", "--seed", "1", "--num-workers", "2",
-           *(["--cpu"] if cpu else []), *flags]
+def run_python(argv: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """This Python on argv with the project on PYTHONPATH. Raises RuntimeError with the
+    output's tail if it fails or times out."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
+                              timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"timed out after {timeout} s") from e
-    out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise RuntimeError(out[-3000:])
-    return out
+        raise RuntimeError((proc.stdout + proc.stderr)[-3000:])
+    return proc
+
+
+def train(data: Path, flags: list[str], cpu: bool, timeout: int) -> str:
+    """One fairseq-train run; its whole log. Raises RuntimeError with the log's tail."""
+    proc = run_python(["-c", LAUNCH, str(data), "--log-format", "simple", "--no-progress-bar",
+                       "--seed", "1", "--num-workers", "2", *(["--cpu"] if cpu else []),
+                       *flags], timeout)
+    return proc.stdout + proc.stderr
 
 
 def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: int):
@@ -189,19 +195,13 @@ def profile(args, data: Path, cpu: bool, name: str, clock: Clock) -> str:
     if timeout is None:
         return "skipped: no time left in --time-budget"
     sizes = ["--warmup", "2", "--steps", "2"] if cpu else []
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--arch", ARCH[name],
-           "--batch", str(args.batch), "--tokens", str(args.tokens), "--data", str(data),
-           *sizes]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"failed: timed out after {timeout} s"
-    if proc.returncode != 0:
-        print(f"FAILED profile {name}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}",
-              file=sys.stderr, flush=True)
-        return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:160]}"
+        proc = run_python([str(ROOT / "benchmarks" / "step_profile.py"), "--arch", ARCH[name],
+                           "--batch", str(args.batch), "--tokens", str(args.tokens),
+                           "--data", str(data), *sizes], timeout)
+    except RuntimeError as e:
+        print(f"FAILED profile {name}:\n{e}", file=sys.stderr, flush=True)
+        return f"failed: {(str(e).strip().splitlines() or ['?'])[-1][:160]}"
     return proc.stdout.strip()
 
 

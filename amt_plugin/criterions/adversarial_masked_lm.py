@@ -529,7 +529,7 @@ def running_mean(previous: Tensor | None, reward: Tensor, acted: Tensor,
     reward = reward.detach().float()
     n = acted.sum()
     mean = (reward * acted).sum() / n.clamp(min=1)
-    if previous is None:
-        return torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
+    if previous is None:  # NaN: no running mean yet
+        previous = torch.full_like(mean, float("nan"))
     updated = torch.where(previous.isnan(), mean, decay * previous + (1 - decay) * mean)
     return torch.where(n > 0, updated, previous)
