@@ -52,12 +52,22 @@ from pathlib import Path
 from zipf_corpus import make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = (  # fairseq-train in-process, then report the peak GPU memory
-    "import sys, torch; from fairseq_cli.train import cli_main\n"
-    "try:\n    cli_main()\nfinally:\n"
-    "    if torch.cuda.is_available():\n"
-    "        print('PEAK_MEMORY_BYTES', torch.cuda.max_memory_allocated(), flush=True)\n"
-)
+# fairseq-train in-process, then report the peak GPU memory. fairseq's trainer resets the peak
+# after every update (for its gb_free), so the peak is also read just before each reset.
+LAUNCH = """
+import torch
+from fairseq_cli.train import cli_main
+peak, reset = [0], torch.cuda.reset_peak_memory_stats
+def reset_after_reading(*args, **kwargs):
+    peak[0] = max(peak[0], torch.cuda.max_memory_allocated())
+    reset(*args, **kwargs)
+torch.cuda.reset_peak_memory_stats = reset_after_reading
+try:
+    cli_main()
+finally:
+    if torch.cuda.is_available():
+        print("PEAK_MEMORY_BYTES", max(peak[0], torch.cuda.max_memory_allocated()), flush=True)
+"""
 SHAPES = {  # layers, width, heads, ffn; masker layers, width
     "base": (12, 768, 12, 3072, 2, 192),
     "small": (12, 256, 4, 1024, 2, 64),
@@ -364,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numerics-updates", type=int, help="default 300; smoke 8")
     p.add_argument("--numerics-arch", help="default amt_small; smoke amt_tiny")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--corpus-dir", type=Path,
+                   help="make the corpus here and keep it, or reuse the one an earlier run "
+                   "made here with the same --vocab (default: a temporary directory)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, tiny shape, small defaults (a check that the script runs)")
     args = p.parse_args(argv)
@@ -381,8 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown --rows or --shapes: {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as tmp:
         lines = 2000 if args.smoke else 40000
-        data = make_corpus(Path(tmp), args.vocab, lines, max(10, lines // 100), (50, 400),
-                           workers=os.cpu_count() or 1)
+        work = (args.corpus_dir or Path(tmp)) / f"zipf-{args.vocab}-{lines}"
+        data = work / "bin"
+        if not (data / "dict.txt").exists():
+            work.mkdir(parents=True, exist_ok=True)
+            data = make_corpus(work, args.vocab, lines, max(10, lines // 100), (50, 400),
+                               workers=os.cpu_count() or 1)
         results = run_all(args, data, cpu)
     if "throughput" in results:
         device = "CPU (smoke: tiny shapes)" if cpu else "GPU"
