@@ -203,6 +203,30 @@ def test_foreach_clipping_matches_fairseqs_per_group(max_norm, monkeypatch):
                    for p, q in zip(mine, group))
 
 
+@pytest.mark.parametrize("factor", [0.25, torch.tensor(0.25)])
+def test_multiply_grads_scales_like_fairseqs_in_one_call(factor):
+    from fairseq.optim import FairseqOptimizer
+
+    _, model, _ = build()
+    params = list(model.parameters())
+    opt = AMTAdam(AMTAdamConfig(lr=[1e-3]), params)
+    grads = grads_like(model)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    params[0].grad = None  # a parameter without a gradient is left alone
+    reference = copy.deepcopy(params)
+    for q, p in zip(reference, params):
+        q.grad = None if p.grad is None else p.grad.clone()
+    FairseqOptimizer.multiply_grads(type("Plain", (), {"params": reference})(), factor)
+    ops = OpDtypes()
+    with ops:
+        opt.multiply_grads(factor)
+    assert params[0].grad is None
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(params[1:], reference[1:]))
+    # fairseq's takes p.grad.data per parameter: a dispatcher call each
+    assert sum(map(len, ops.seen.values())) <= 2, dict(ops.seen)
+
+
 def test_fused_and_foreach_adam_take_the_same_step():
     _, model, _ = build()
     _, twin, _ = build()  # the same seed: the same initial weights
