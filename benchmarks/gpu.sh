@@ -8,8 +8,8 @@
 # scripts/download_wheels.sh) into a temporary directory put on PYTHONPATH. Then: the unit
 # tests (this Python and torch; tests/unit/test_devices.py also runs every strategy on CUDA),
 # then benchmarks/gpu_throughput.py with the options given (default: --numerics --profile
-# --time-budget 420, i.e. the throughput table, the bf16-against-fp32 curves and where a
-# step's time goes, the decisive rows first), then benchmarks/predictor_step.py at base and
+# --time-budget 420, i.e. the throughput table, where a step's time goes and the
+# bf16-against-fp32 curves, the decisive rows first), then benchmarks/predictor_step.py at base and
 # small shape; about 9 minutes in all on an H100. Everything lands in OUTDIR as it is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ fi
 # a failing test is reported in unit-tests.txt; the measurements still run
 "$python" -m pytest -q -p no:logging tests/unit 2>&1 | tee "$out/unit-tests.txt" | tail -3 || true
 # no options: everything that fits in 7 minutes, most decisive first (see gpu_throughput.py);
-# or choose, e.g. --rows compiled,fp16 --time-budget 400 for what a first run had to skip
+# or choose, e.g. --rows fp16 --numerics --time-budget 400 for what a first run had to skip
 [ $# -gt 0 ] || set -- --numerics --profile --time-budget 420
 "$python" benchmarks/gpu_throughput.py --json "$out/gpu.json" "$@" \
     2> "$out/gpu-runs.log" | tee "$out/gpu.md"

@@ -10,13 +10,14 @@ vocabulary, made here), one after another in this script, so ratios compare like
 Per shape (base = RoBERTa-base, small = amt_small's 12 x 256):
 
   stock masked_lm --fp16 (the baseline) | AMT --fp16 | AMT bf16 | AMT bf16 --torch-compile
+  | the same with --torch-compile-mode reduce-overhead (CUDA graphs)
   | AMT bf16 with --masking-strategy random (the same run without the masker's work)
 
 Runs go in order of what they decide, across shapes: the two targets (stock and AMT bf16 at
-base, then at small), the random-masking rows (the masker's share), the bf16-against-fp32
-curves (--numerics), a profile of AMT bf16 at small shape (benchmarks/step_profile.py: where
-the step's time goes, and how long the GPU waits for the host), the compiled rows, the same
-profile at base shape, then the --fp16 rows. With
+base, then at small), the random-masking rows (the masker's share), the compiled rows
+(without, then with CUDA graphs), a profile of AMT bf16 at small and at base shape
+(benchmarks/step_profile.py: where the step's time goes, and how long the GPU waits for the
+host), the bf16-against-fp32 curves (--numerics), then the --fp16 rows. With
 --time-budget the script starts no run it has no time left for and reports those rows as
 skipped, so one short session on a GPU machine gets the decisive numbers first. Each row is
 printed as it is measured and written to --json.
@@ -127,11 +128,11 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
 
 
 # Row kinds, in the order the table shows them; PRIORITY is the order they run in.
-KINDS = ("baseline", "fp16", "bf16", "compiled", "random")
+KINDS = ("baseline", "fp16", "bf16", "compiled", "cudagraphs", "random")
 PRIORITY = [("base", "baseline"), ("base", "bf16"), ("small", "baseline"), ("small", "bf16"),
-            ("base", "random"), ("small", "random"), "numerics", ("small", "profile"),
-            ("small", "compiled"), ("base", "compiled"), ("base", "profile"),
-            ("base", "fp16"), ("small", "fp16")]
+            ("base", "random"), ("small", "random"), ("small", "compiled"), ("base", "compiled"),
+            ("small", "cudagraphs"), ("base", "cudagraphs"), ("small", "profile"),
+            ("base", "profile"), "numerics", ("base", "fp16"), ("small", "fp16")]
 
 
 def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str, list, bool]:
@@ -152,6 +153,9 @@ def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str
                  True),
         "bf16": (f"AMT {arch} bf16", bf16, True),
         "compiled": (f"AMT {arch} bf16 compiled", [*bf16, "--torch-compile"], True),
+        "cudagraphs": (f"AMT {arch} bf16 compiled, CUDA graphs",
+                       [*bf16, "--torch-compile", "--torch-compile-mode", "reduce-overhead"],
+                       True),
         "random": (f"AMT {arch} bf16, random masking (no masker)",
                    [*bf16, "--masking-strategy", "random"], False),
     }[kind]
@@ -234,7 +238,8 @@ def run_all(args, data: Path, cpu: bool) -> dict:
     shapes = ["tiny"] if cpu else args.shapes.split(",")
     kinds = args.rows.split(",")
     if cpu:  # the smoke run: the tiny shape stands in for both
-        plan = [("tiny", k) for k in ("baseline", "bf16", "random", "compiled", "fp16")]
+        plan = [("tiny", k) for k in ("baseline", "bf16", "random", "compiled", "cudagraphs",
+                                      "fp16")]
         plan += ["numerics", *([("tiny", "profile")] if args.profile else [])]
     else:
         plan = [job for job in PRIORITY if job == "numerics" or (

@@ -78,15 +78,17 @@ class AMTModel(RobertaModel):
             OmegaConf.set_struct(args, True)
         return cls(args, encoder)
 
-    def compile_blocks(self) -> None:
-        """torch.compile every predictor layer and the masker, in place.
+    def compile_blocks(self, mode: str = "default") -> None:
+        """torch.compile every predictor layer and the masker, in place, in torch.compile's
+        `mode` (reduce-overhead: each block replays as a CUDA graph).
 
         In place (`Module.compile`), so parameter names and checkpoints do not change. The
         LM head stays eager: its input size (the masked positions) changes every batch.
         """
+        mode = None if mode == "default" else mode
         for layer in self.encoder.sentence_encoder.layers:
-            layer.compile()
-        self.masker.compile()
+            layer.compile(mode=mode)
+        self.masker.compile(mode=mode)
 
     def predictor_state_dict(self) -> dict:
         """The predictor alone: exactly the keys of a fairseq `roberta` model."""

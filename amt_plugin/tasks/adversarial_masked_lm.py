@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 MASKING_STRATEGIES = ["learned", "random", "span", "frequency"]
 
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}  # torch.compile modes with CUDA graphs
+
+
 @dataclass
 class AdversarialMaskedLMConfig(MaskedLMConfig):
     masking_strategy: ChoiceEnum(MASKING_STRATEGIES) = field(
@@ -55,6 +59,13 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
         default=False,
         metadata={"help": "torch.compile the predictor's layers and the masker (fused "
                   "kernels; compiling takes a minute or two at start-up). Needs triton on GPUs"},
+    )
+    torch_compile_mode: ChoiceEnum(COMPILE_MODES) = field(
+        default="default",
+        metadata={"help": "torch.compile mode under --torch-compile: reduce-overhead replays "
+                  "each compiled block as a CUDA graph, which removes most of the per-kernel "
+                  "launch cost that bounds small shapes on GPUs (more GPU memory; no effect "
+                  "on CPUs); max-autotune also searches kernel configurations (slow start)"},
     )
     word_boundaries: ChoiceEnum(["sentencepiece", "gpt2"]) = field(
         default="sentencepiece",
@@ -111,6 +122,9 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         model = super().build_model(cfg, from_checkpoint)
         # Training only: tools that load a checkpoint to evaluate or fine-tune it
         # (from_checkpoint) run eager instead of paying the compile time.
+        if self.cfg.torch_compile_mode != "default" and not self.cfg.torch_compile:
+            raise ValueError(f"--torch-compile-mode {self.cfg.torch_compile_mode} needs "
+                             "--torch-compile as well")
         if self.cfg.torch_compile and not from_checkpoint:
             if not hasattr(model, "compile_blocks"):
                 raise ValueError("--torch-compile works with the amt_* architectures only")
@@ -120,8 +134,27 @@ class AdversarialMaskedLMTask(MaskedLMTask):
                 if not has_triton():
                     raise ValueError("--torch-compile on a GPU needs triton (pip install "
                                      "triton matching your torch), or leave the flag out")
-            model.compile_blocks()
+            model.compile_blocks(self.cfg.torch_compile_mode)
         return model
+
+    def _begin_step(self, model, training: bool) -> None:
+        """Under CUDA graphs (--torch-compile-mode reduce-overhead / max-autotune on a GPU),
+        tell torch that a new step begins: the graphs then reuse the buffers of the previous
+        step's outputs, which no one holds any more (the trainer has stepped and logged)."""
+        if not (self.cfg.torch_compile and self.cfg.torch_compile_mode in CUDA_GRAPH_MODES):
+            return
+        first = next(model.parameters())
+        if not first.is_cuda:
+            return
+        if training and first.grad is not None:
+            # the parameter gradients live in the graphs' output buffers, which the next
+            # micro-batch's replay overwrites: accumulation would silently go wrong
+            raise ValueError(
+                f"--torch-compile-mode {self.cfg.torch_compile_mode} (CUDA graphs) cannot "
+                "accumulate gradients over micro-batches: use --update-freq 1, or "
+                "--torch-compile-mode default"
+            )
+        torch.compiler.cudagraph_mark_step_begin()
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
         src = self._load_dataset_split(split, epoch, combine)  # token blocks, <s> prepended
@@ -163,6 +196,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             self.groups_to_step = criterion.groups_to_step(update_num)
         model.train()
         model.set_num_updates(update_num)
+        self._begin_step(model, training=True)
         with torch.autograd.profiler.record_function("forward"), self.autocast(model, optimizer):
             loss, sample_size, logging_output = criterion(model, sample)
         if ignore_grad:
@@ -173,6 +207,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
 
     def valid_step(self, sample, model, criterion):
         model.eval()
+        self._begin_step(model, training=False)
         with torch.no_grad(), self.autocast(model):
             return criterion(model, sample)
 

@@ -45,3 +45,44 @@ def test_train_and_validation_step_on_device(device, strategy, whole_words):
     assert valid_log["fixed_n"] > 0
     assert torch.isfinite(torch.as_tensor(valid_log["fixed_nll"])).all()
     criterion.reduce_metrics([log, valid_log])  # the logged sums read back from the device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_under_cuda_graphs_follows_eager(device):
+    # --torch-compile-mode reduce-overhead: on a GPU each compiled block replays as a CUDA
+    # graph (on a CPU the mode compiles without graphs); training steps as in the trainer
+    mode = "reduce-overhead"
+    losses = {}
+    for compiled in (False, True):
+        task, model, criterion = build(masker_warmup_updates=0)
+        model, criterion = model.to(device), criterion.to(device)
+        if compiled:
+            task.cfg.torch_compile, task.cfg.torch_compile_mode = True, mode
+            model.compile_blocks(mode)
+        optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3]), list(model.parameters()))
+        sample = to_device(make_sample(task), device)
+        losses[compiled] = []
+        for step in range(3):
+            optimizer.zero_grad()
+            loss, _, _ = task.train_step(sample, model, criterion, optimizer, update_num=step)
+            task.optimizer_step(optimizer, model, update_num=step)
+            losses[compiled].append(loss.item())
+        _, _, valid_log = task.valid_step(sample, model, criterion)
+        assert torch.isfinite(torch.as_tensor(valid_log["fixed_nll"])).all()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    if device == "cuda":  # a second micro-batch on top of the last one's gradients
+        with pytest.raises(ValueError, match="update-freq 1"):
+            task.train_step(sample, model, criterion, optimizer, update_num=3)
+
+
+def test_compile_mode_needs_torch_compile():
+    import argparse
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    task, _, _ = build()
+    task.cfg.torch_compile_mode = "reduce-overhead"
+    args = argparse.Namespace(arch="amt_tiny", _name="amt_tiny", max_positions=64)
+    ARCH_CONFIG_REGISTRY["amt_tiny"](args)
+    with pytest.raises(ValueError, match="needs --torch-compile"):
+        task.build_model(args)
