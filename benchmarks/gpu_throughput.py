@@ -17,7 +17,8 @@ Runs go in order of what they decide, across shapes: the two targets (stock and 
 base, then at small), the random-masking rows (the masker's share), the compiled rows
 (without, then with CUDA graphs), a profile of AMT bf16 at small and at base shape
 (benchmarks/step_profile.py: where the step's time goes, and how long the GPU waits for the
-host), the bf16-against-fp32 curves (--numerics), then the --fp16 rows. With
+host), the --fp16 rows (half-precision weights and activations: what bf16 autocast's fp32
+residual stream costs), then the bf16-against-fp32 curves (--numerics). With
 --time-budget the script starts no run it has no time left for and reports those rows as
 skipped, so one short session on a GPU machine gets the decisive numbers first. Each row is
 printed as it is measured and written to --json.
@@ -132,7 +133,7 @@ KINDS = ("baseline", "fp16", "bf16", "compiled", "cudagraphs", "random")
 PRIORITY = [("base", "baseline"), ("base", "bf16"), ("small", "baseline"), ("small", "bf16"),
             ("base", "random"), ("small", "random"), ("small", "compiled"), ("base", "compiled"),
             ("small", "cudagraphs"), ("base", "cudagraphs"), ("small", "profile"),
-            ("base", "profile"), "numerics", ("base", "fp16"), ("small", "fp16")]
+            ("base", "profile"), ("base", "fp16"), ("small", "fp16"), "numerics"]
 
 
 def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str, list, bool]:
