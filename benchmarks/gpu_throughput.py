@@ -9,13 +9,14 @@ Every run is the real `python -m fairseq_cli.train` on the same synthetic Zipf c
 vocabulary, made here), one after another in this script, so ratios compare like with like.
 Per shape (base = RoBERTa-base, small = amt_small's 12 x 256):
 
-  stock masked_lm --fp16 (the baseline) | AMT --fp16 | AMT bf16 | AMT bf16 --torch-compile
+  stock masked_lm --fp16 (the baseline) | AMT --fp16 | AMT bf16 (--bf16-autocast)
+  | AMT --bf16-weights (bf16 weights and activations) | AMT bf16 --torch-compile
   | the same with --torch-compile-mode reduce-overhead (CUDA graphs)
   | AMT bf16 with --masking-strategy random (the same run without the masker's work)
 
 Runs go in order of what they decide, across shapes: the two targets (stock and AMT bf16 at
-base, then at small), the random-masking rows (the masker's share), the compiled rows
-(without, then with CUDA graphs), a profile of AMT bf16 at small and at base shape
+base, then at small), the random-masking rows (the masker's share), the --bf16-weights rows,
+the compiled rows (without, then with CUDA graphs), a profile of AMT bf16 at small and at base shape
 (benchmarks/step_profile.py: where the step's time goes, and how long the GPU waits for the
 host), the --fp16 rows (half-precision weights and activations: what bf16 autocast's fp32
 residual stream costs), then the bf16-against-fp32 curves (--numerics). With
@@ -33,9 +34,10 @@ masker (forward on every update, backward when it trains). The masker's share of
 1 - (tokens/s with the masker) / (tokens/s without it). A run that fails is reported as such
 and the others go on.
 
---numerics trains amt_small in fp32 and in bf16 on the same data and seed (dropout off), under
-random masking (train loss: the same masks in both runs) and learned masking (fixed-mask
-validation loss), and prints the curves and the largest gap, in bits.
+--numerics trains amt_small in fp32 and in bf16 (--bf16-autocast, or --bf16-weights with
+--numerics-bf16 weights) on the same data and seed (dropout off), under random masking (train
+loss: the same masks in both runs) and learned masking (fixed-mask validation loss), and
+prints the curves and the largest gap, in bits.
 """
 
 from __future__ import annotations
@@ -129,9 +131,10 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
 
 
 # Row kinds, in the order the table shows them; PRIORITY is the order they run in.
-KINDS = ("baseline", "fp16", "bf16", "compiled", "cudagraphs", "random")
+KINDS = ("baseline", "fp16", "bf16", "bf16w", "compiled", "cudagraphs", "random")
 PRIORITY = [("base", "baseline"), ("base", "bf16"), ("small", "baseline"), ("small", "bf16"),
-            ("base", "random"), ("small", "random"), ("small", "compiled"), ("base", "compiled"),
+            ("base", "random"), ("small", "random"), ("base", "bf16w"), ("small", "bf16w"),
+            ("small", "compiled"), ("base", "compiled"),
             ("small", "cudagraphs"), ("base", "cudagraphs"), ("small", "profile"),
             ("base", "profile"), ("base", "fp16"), ("small", "fp16"), "numerics"]
 
@@ -153,6 +156,7 @@ def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str
                  [*amt, "--arch", arch, *half, *(["--fp16-no-flatten-grads"] if half else [])],
                  True),
         "bf16": (f"AMT {arch} bf16", bf16, True),
+        "bf16w": (f"AMT {arch} bf16 weights", [*amt, "--arch", arch, "--bf16-weights"], True),
         "compiled": (f"AMT {arch} bf16 compiled", [*bf16, "--torch-compile"], True),
         "cudagraphs": (f"AMT {arch} bf16 compiled, CUDA graphs",
                        [*bf16, "--torch-compile", "--torch-compile-mode", "reduce-overhead"],
@@ -239,8 +243,8 @@ def run_all(args, data: Path, cpu: bool) -> dict:
     shapes = ["tiny"] if cpu else args.shapes.split(",")
     kinds = args.rows.split(",")
     if cpu:  # the smoke run: the tiny shape stands in for both
-        plan = [("tiny", k) for k in ("baseline", "bf16", "random", "compiled", "cudagraphs",
-                                      "fp16")]
+        plan = [("tiny", k) for k in ("baseline", "bf16", "random", "bf16w", "compiled",
+                                      "cudagraphs", "fp16")]
         plan += ["numerics", *([("tiny", "profile")] if args.profile else [])]
     else:
         plan = [job for job in PRIORITY if job == "numerics" or (
@@ -313,7 +317,8 @@ def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
     for strategy, key, kind in (("random", "loss", "train_inner"),
                                 ("learned", "fixed_mask_loss", "valid")):
         curves = {}
-        for precision, extra in (("fp32", []), ("bf16", ["--bf16-autocast"])):
+        bf16 = ["--bf16-weights"] if args.numerics_bf16 == "weights" else ["--bf16-autocast"]
+        for precision, extra in (("fp32", []), ("bf16", bf16)):
             timeout = clock.allowance(args.run_timeout)
             try:
                 if timeout is None:
@@ -376,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numerics", action="store_true",
                    help="also train fp32 against bf16 and compare the loss curves")
     p.add_argument("--numerics-only", action="store_true")
+    p.add_argument("--numerics-bf16", choices=["autocast", "weights"], default="autocast",
+                   help="the bf16 run of --numerics: --bf16-autocast or --bf16-weights")
     p.add_argument("--profile", action="store_true",
                    help="also profile AMT bf16 steps (benchmarks/step_profile.py) per shape")
     p.add_argument("--numerics-updates", type=int, help="default 300; smoke 8")
@@ -414,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"per update, {args.updates} updates per run (small shape: twice)", args)
     arch = args.numerics_arch
     for strategy, n in results.get("numerics", {}).items():
-        print(f"\nbf16 against fp32, {arch}, {strategy} masking, {args.numerics_updates} "
-              f"updates, same data and seed: {n['metric']} (bits)\n")
+        print(f"\nbf16 ({args.numerics_bf16}) against fp32, {arch}, {strategy} masking, "
+              f"{args.numerics_updates} updates, same data and seed: {n['metric']} (bits)\n")
         if "error" in n:
             print(f"not measured: {n['error']}")
             continue

@@ -30,6 +30,7 @@ from fairseq.optim.fp16_optimizer import (
 )
 from fairseq.tasks import register_task
 from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
+from omegaconf import OmegaConf, open_dict
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,14 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
         metadata={"help": "bf16 mixed precision: forward passes under bf16 autocast, fp32 "
                   "weights, gradients and optimizer state, no loss scaling. Use instead of "
                   "--fp16/--amp/--bf16 (fairseq's --bf16 implies --tpu)"},
+    )
+    bf16_weights: bool = field(
+        default=False,
+        metadata={"help": "bf16 weights and activations, fp32 master weights and Adam state "
+                  "in the optimizer, no loss scaling: fairseq's --bf16 without the --tpu it "
+                  "implies. Moves half the bytes of --bf16-autocast, whose residual stream "
+                  "stays fp32. Checkpoints hold the bf16 weights (as fp32 tensors), and a "
+                  "resumed run restarts its master weights from them"},
     )
     torch_compile: bool = field(
         default=False,
@@ -91,6 +100,12 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         super().__init__(cfg, dictionary)
         self.is_word_start = self._word_start_table() if cfg.mask_whole_words else None
         self.groups_to_step: set[str] | None = None  # set by train_step, used by optimizer_step
+
+    @classmethod
+    def setup_task(cls, cfg: AdversarialMaskedLMConfig, **kwargs):
+        if cfg.bf16_weights and not kwargs.get("from_checkpoint"):
+            enable_bf16_weights(cfg)
+        return super().setup_task(cfg, **kwargs)
 
     def _word_start_table(self) -> torch.Tensor:
         """(V,) bool: does this dictionary symbol begin a word?"""
@@ -236,3 +251,27 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             if getattr(p, "param_group", None) not in groups:
                 p.grad = None
         optimizer.step()
+
+
+def enable_bf16_weights(task_cfg: AdversarialMaskedLMConfig) -> None:
+    """--bf16-weights: switch on fairseq's bf16 training in the run's config, before the
+    trainer reads it. The trainer then casts model and criterion to bf16 and wraps the
+    optimizer in FP16Optimizer, which keeps fp32 master weights and skips loss scaling for
+    bf16. fairseq's own --bf16 cannot be used on GPUs: it implies --tpu."""
+    root = task_cfg._get_parent() if OmegaConf.is_config(task_cfg) else None
+    common = getattr(root, "common", None) if root is not None else None
+    if common is None:
+        raise ValueError("--bf16-weights is a training flag (fairseq-train, "
+                         "fairseq-hydra-train): it configures the trainer")
+    clashes = [flag for flag, on in (
+        ("--fp16", common.fp16), ("--memory-efficient-fp16", common.memory_efficient_fp16),
+        ("--amp", common.amp), ("--bf16 / --tpu", common.tpu),
+        ("--bf16-autocast", task_cfg.bf16_autocast)) if on]
+    if clashes:
+        raise ValueError(f"--bf16-weights replaces {', '.join(clashes)}: pass only one "
+                         "precision flag")
+    if torch.cuda.is_available() and not common.cpu and not torch.cuda.is_bf16_supported():
+        raise ValueError("--bf16-weights needs a GPU with bf16 support (Ampere or newer); on "
+                         "this one use --fp16 --fp16-no-flatten-grads")
+    with open_dict(common):
+        common.bf16 = True

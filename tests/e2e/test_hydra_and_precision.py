@@ -88,7 +88,8 @@ def test_fairseqs_composite_optimizer_steps_the_groups_the_criterion_asks_for(
     assert [g["lr"] for g in opt["masker"]["param_groups"]] == [3e-3]
 
 
-@pytest.mark.parametrize("precision", [["--fp16", "--fp16-no-flatten-grads"], ["--amp"]])
+@pytest.mark.parametrize("precision", [["--fp16", "--fp16-no-flatten-grads"], ["--amp"],
+                                       ["--bf16-weights"]])
 def test_half_precision_wrappers_keep_the_resting_masker_still(zipf_data, tmp_path, precision):
     ck = tmp_path / "ck"
     proc = train(zipf_data, ck, "--max-update", "10", "--masker-warmup-updates", "4",
@@ -114,3 +115,20 @@ def test_bf16_autocast_trains_and_refuses_to_stack_with_fp16(zipf_data, tmp_path
     with pytest.raises(AssertionError, match="--bf16-autocast replaces --fp16"):
         train(zipf_data, tmp_path / "ck2", "--max-update", "2", "--bf16-autocast", "--fp16",
               "--fp16-no-flatten-grads")
+
+
+def test_bf16_weights_train_bf16_weights_from_fp32_master_weights(zipf_data, tmp_path):
+    proc = train(zipf_data, tmp_path / "ck", "--max-update", "4", "--masker-warmup-updates",
+                 "1", "--bf16-weights", "--log-interval", "2", "--disable-validation")
+    inner = json_logs(proc.stdout, "train_inner")
+    assert inner and all(math.isfinite(float(x["loss"])) for x in inner)
+    state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
+    # the model trained in bf16: fairseq saves its weights as fp32, each one a bf16 value
+    weights = [v for v in state["model"].values() if v.is_floating_point()]
+    assert weights and all(torch.equal(v, v.bfloat16().float()) for v in weights)
+    moments = [s["exp_avg"] for s in state["last_optimizer_state"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert "loss_scale" not in state["last_optimizer_state"]  # bf16: no loss scaling
+    with pytest.raises(AssertionError, match="--bf16-weights replaces --bf16-autocast"):
+        train(zipf_data, tmp_path / "ck2", "--max-update", "2", "--bf16-weights",
+              "--bf16-autocast")
