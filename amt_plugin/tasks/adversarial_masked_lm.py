@@ -3,7 +3,10 @@
 The dataset yields the *unmasked* token blocks (with <s> prepended, padded on the right);
 which positions get masked is decided per batch by the criterion, where the masker lives.
 The task also owns the alternation's last step: `optimizer_step` steps only the parameter
-groups the criterion asked for in this update (the wav2vec-U pattern).
+groups the criterion asked for in this update (the wav2vec-U pattern); and the step's
+precision and compilation: bf16 autocast around the forward (`--bf16-autocast`), fairseq's
+bf16 training switched on without its --tpu (`--bf16-weights`), torch.compile of the blocks
+(`--torch-compile`, `--torch-compile-mode`, with the step marks CUDA graphs need).
 """
 
 
@@ -135,11 +138,11 @@ class AdversarialMaskedLMTask(MaskedLMTask):
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
-        # Training only: tools that load a checkpoint to evaluate or fine-tune it
-        # (from_checkpoint) run eager instead of paying the compile time.
         if self.cfg.torch_compile_mode != "default" and not self.cfg.torch_compile:
             raise ValueError(f"--torch-compile-mode {self.cfg.torch_compile_mode} needs "
                              "--torch-compile as well")
+        # Training only: tools that load a checkpoint to evaluate or fine-tune it
+        # (from_checkpoint) run eager instead of paying the compile time.
         if self.cfg.torch_compile and not from_checkpoint:
             if not hasattr(model, "compile_blocks"):
                 raise ValueError("--torch-compile works with the amt_* architectures only")
