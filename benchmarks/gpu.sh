@@ -9,8 +9,9 @@
 # tests (this Python and torch; tests/unit/test_devices.py also runs every strategy on CUDA),
 # then benchmarks/gpu_throughput.py with the options given (default: --numerics --profile
 # --time-budget 420, i.e. the throughput table, where a step's time goes and the
-# bf16-against-fp32 curves, the decisive rows first), then benchmarks/predictor_step.py at base and
-# small shape; about 9 minutes in all on an H100. Everything lands in OUTDIR as it is measured.
+# bf16-against-fp32 curves, the decisive rows first), then benchmarks/predictor_step.py at
+# base and small shape; about 9 minutes in all on an H100. Everything lands in OUTDIR as it
+# is measured. The corpus is kept in $TMPDIR, so a second call on the machine reuses it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [gpu_throughput.py options]}
@@ -38,7 +39,8 @@ fi
 # no options: everything that fits in 7 minutes, most decisive first (see gpu_throughput.py);
 # or choose, e.g. --rows fp16 --numerics --time-budget 400 for what a first run had to skip
 [ $# -gt 0 ] || set -- --numerics --profile --time-budget 420
-"$python" benchmarks/gpu_throughput.py --json "$out/gpu.json" "$@" \
+"$python" benchmarks/gpu_throughput.py --json "$out/gpu.json" \
+    --corpus-dir "${TMPDIR:-/tmp}/amt-gpu-corpus" "$@" \
     2> "$out/gpu-runs.log" | tee "$out/gpu.md"
 # the predictor alone against fairseq's RobertaEncoder, same weights (a minute at most)
 if "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
