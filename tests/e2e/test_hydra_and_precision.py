@@ -129,6 +129,13 @@ def test_bf16_weights_train_bf16_weights_from_fp32_master_weights(zipf_data, tmp
     moments = [s["exp_avg"] for s in state["last_optimizer_state"]["state"].values()]
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert "loss_scale" not in state["last_optimizer_state"]  # bf16: no loss scaling
+    # evaluation loads it like any other checkpoint
+    valid = run([str(BIN / "fairseq-validate"), str(zipf_data), "--user-dir", PLUGIN,
+                 "--path", str(tmp_path / "ck" / "checkpoint_last.pt"), "--cpu",
+                 "--task", "adversarial_masked_lm", "--batch-size", "16",
+                 "--log-format", "json"])
+    fixed = float(json_logs(valid.stdout, "valid")[-1]["valid_fixed_mask_loss"])
+    assert math.isfinite(fixed)
     with pytest.raises(AssertionError, match="--bf16-weights replaces --bf16-autocast"):
         train(zipf_data, tmp_path / "ck2", "--max-update", "2", "--bf16-weights",
               "--bf16-autocast")
