@@ -7,6 +7,7 @@ autocast all have to agree on the device.
 
 import pytest
 import torch
+from fairseq.utils import apply_to_sample
 
 from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
 from tests.conftest import build, make_sample
@@ -15,8 +16,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def to_device(sample: dict, device: str) -> dict:
-    net_input = {k: v.to(device) for k, v in sample["net_input"].items()}
-    return {**sample, "id": sample["id"].to(device), "net_input": net_input}
+    return apply_to_sample(lambda t: t.to(device), sample)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,6 +59,7 @@ def test_training_under_cuda_graphs_follows_eager(device):
         if compiled:
             task.cfg.torch_compile, task.cfg.torch_compile_mode = True, mode
             model.compile_blocks(mode)
+            assert model.masker._compiled_call_impl is not None
         optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3]), list(model.parameters()))
         sample = to_device(make_sample(task), device)
         losses[compiled] = []

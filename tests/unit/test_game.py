@@ -115,8 +115,6 @@ def test_entropy_bonus_pushes_towards_uniform():
                    torch.ones(1, dtype=torch.bool), entropy_weight=1.0).backward()
     assert logits.grad[0, 0] > 0  # gradient descent lowers the dominant logit
 
-
-
 def one_row_draw():
     logits = torch.zeros(1, 6, requires_grad=True)
     draw = masking.gumbel_top_k(logits, torch.ones(1, 6, dtype=torch.bool), torch.tensor([2]),
