@@ -53,8 +53,8 @@ def evaluate(checkpoint: Path, data: Path, subset: str = "valid", batch_size: in
     if use_cuda:
         criterion.cuda()
     task.load_dataset(subset)
-    # batched as fairseq-validate batches (its default required_batch_size_multiple of 8 drops
-    # the same few remainder samples), so the two report the same numbers
+    # batched as fairseq-validate batches by default, so the two report the same numbers (the
+    # fixed-mask metrics do not depend on batching; the strategy's own masks are drawn per batch)
     batches = task.get_batch_iterator(
         dataset=task.dataset(subset), max_sentences=batch_size,
         max_positions=task.max_positions(), ignore_invalid_inputs=True,

@@ -44,6 +44,26 @@ COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}  # torch.compile modes with CUDA graphs
 
 
+class EveryBlockSortDataset(SortDataset):
+    """fairseq's SortDataset, batched without losing blocks.
+
+    fairseq's `batch_by_size` drops the final batch when its size is not a multiple of
+    --required-batch-size-multiple (default 8; fairseq issue 5036), so fairseq-validate
+    silently left up to 7 held-out blocks unscored, and training up to 7 blocks per epoch
+    unseen. Here those blocks form one more (smaller) batch.
+    """
+
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None,
+                      required_batch_size_multiple=1):
+        batches = super().batch_by_size(indices, max_tokens, max_sentences,
+                                        required_batch_size_multiple)
+        batched = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
+        if len(batched) < len(indices):
+            left_out = np.asarray(indices)[~np.isin(indices, batched)]
+            batches = [*batches, left_out.astype(np.int64)]
+        return batches
+
+
 @dataclass
 class AdversarialMaskedLMConfig(MaskedLMConfig):
     masking_strategy: ChoiceEnum(MASKING_STRATEGIES) = field(
@@ -190,7 +210,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             },
             sizes=[src.sizes],
         )
-        self.datasets[split] = SortDataset(dataset, sort_order=[shuffle, src.sizes])
+        self.datasets[split] = EveryBlockSortDataset(dataset, sort_order=[shuffle, src.sizes])
 
     def autocast(self, model, optimizer=None):
         """The forward pass's precision: bf16 autocast if asked, fp16 autocast under --amp

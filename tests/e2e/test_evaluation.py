@@ -41,6 +41,25 @@ def test_fixed_mask_metrics_do_not_depend_on_batch_size_or_workers(zipf_data, ch
     assert abs(sum(shares) - 1.0) < 1e-3
 
 
+def test_validation_scores_every_block(zipf_data, checkpoint):
+    """fairseq's batching drops the last len % --required-batch-size-multiple blocks of a
+    split (fairseq issue 5036); the task's datasets keep them, so every block is scored."""
+    from amt_plugin.tasks.adversarial_masked_lm import (
+        AdversarialMaskedLMConfig,
+        AdversarialMaskedLMTask,
+    )
+
+    task = AdversarialMaskedLMTask.setup_task(
+        AdversarialMaskedLMConfig(data=str(zipf_data), tokens_per_sample=64, seed=1))
+    task.load_dataset("valid")
+    blocks = len(task.dataset("valid"))
+    multiple = next(m for m in (8, 7, 6, 5, 3) if blocks % m)  # one that leaves a remainder
+    for batch in ("32", str(multiple)):
+        valid = validate(zipf_data, checkpoint[0], "--batch-size", batch,
+                         "--required-batch-size-multiple", str(multiple))
+        assert float(valid["valid_bsz"]) == blocks  # fairseq-validate: sentences in all
+
+
 def test_stock_masked_lm_checkpoint_gets_the_same_yardstick(zipf_data, checkpoint, tmp_path):
     run([str(BIN / "fairseq-train"), str(zipf_data), "--task", "masked_lm",
          "--criterion", "masked_lm", "--arch", "roberta", "--encoder-layers", "2",
