@@ -126,8 +126,16 @@ def gumbel_top_k(
 
     whose score function is an unbiased estimator of the gradient of E[reward(set)].
     """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return gumbel_top_k_from_uniform(logits, candidates, k, temperature, u)
+
+
+def gumbel_top_k_from_uniform(
+    logits: Tensor, candidates: Tensor, k: Tensor, temperature: float, u: Tensor
+) -> Draw:
+    """`gumbel_top_k` with its uniform draw u (B, T) in [0, 1) given: no generator, so
+    torch.compile can trace it whole (the criterion compiles it under --torch-compile)."""
     log_p = masked_log_softmax(logits, candidates, temperature)  # (B, T)
-    u = torch.rand(log_p.shape, generator=generator, device=log_p.device)
     gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
     keys = torch.where(candidates, log_p.detach() + gumbel, torch.full_like(log_p, 2 * NEG_INF))
     order, in_top = _top_k_rows(keys, k)  # order (B, T), in_top (B, T) over slots

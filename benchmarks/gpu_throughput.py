@@ -131,11 +131,13 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
 
 
 # Row kinds, in the order the table shows them; PRIORITY is the order they run in.
-KINDS = ("baseline", "fp16", "bf16", "bf16w", "compiled", "cudagraphs", "random")
+KINDS = ("baseline", "fp16", "bf16", "bf16w", "compiled", "bf16w_compiled", "cudagraphs",
+         "random")
 PRIORITY = [("base", "baseline"), ("base", "bf16"), ("small", "baseline"), ("small", "bf16"),
             ("base", "random"), ("small", "random"), ("base", "bf16w"), ("small", "bf16w"),
-            ("small", "compiled"), ("base", "compiled"),
-            ("small", "cudagraphs"), ("base", "cudagraphs"), ("small", "profile"),
+            ("small", "compiled"), ("base", "compiled"), ("base", "bf16w_compiled"),
+            ("small", "cudagraphs"), ("base", "cudagraphs"), ("small", "bf16w_compiled"),
+            ("small", "profile"),
             ("base", "profile"), ("base", "fp16"), ("small", "fp16"), "numerics"]
 
 
@@ -158,6 +160,8 @@ def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str
         "bf16": (f"AMT {arch} bf16", bf16, True),
         "bf16w": (f"AMT {arch} bf16 weights", [*amt, "--arch", arch, "--bf16-weights"], True),
         "compiled": (f"AMT {arch} bf16 compiled", [*bf16, "--torch-compile"], True),
+        "bf16w_compiled": (f"AMT {arch} bf16 weights compiled",
+                           [*amt, "--arch", arch, "--bf16-weights", "--torch-compile"], True),
         "cudagraphs": (f"AMT {arch} bf16 compiled, CUDA graphs",
                        [*bf16, "--torch-compile", "--torch-compile-mode", "reduce-overhead"],
                        True),
@@ -244,7 +248,7 @@ def run_all(args, data: Path, cpu: bool) -> dict:
     kinds = args.rows.split(",")
     if cpu:  # the smoke run: the tiny shape stands in for both
         plan = [("tiny", k) for k in ("baseline", "bf16", "random", "bf16w", "compiled",
-                                      "cudagraphs", "fp16")]
+                                      "bf16w_compiled", "cudagraphs", "fp16")]
         plan += ["numerics", *([("tiny", "profile")] if args.profile else [])]
     else:
         plan = [job for job in PRIORITY if job == "numerics" or (

@@ -151,6 +151,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         # the masker's fallback baseline (see reinforce_loss); not checkpointed: after a
         # resume it restarts from the first batch's rewards
         self._reward_mean: Tensor | None = None
+        self._compiled_draw = None  # see _masker_draw
 
         d = task.source_dictionary
         special = list(range(d.nspecial)) + [task.mask_idx]
@@ -213,6 +214,17 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         g.manual_seed(seed)
         return g
 
+    def _masker_draw(self, model):
+        """`masker_draw`, compiled in the model's torch.compile mode when its blocks are
+        (--torch-compile), so the masker and its draw run as one fused graph."""
+        mode = getattr(model, "compile_mode", None)
+        if mode is None:
+            return masker_draw
+        if self._compiled_draw is None:
+            self._compiled_draw = torch.compile(masker_draw,
+                                                mode=None if mode == "default" else mode)
+        return self._compiled_draw
+
     # --- one forward ----------------------------------------------------------------------
 
     def forward(self, model, sample, reduce: bool = True):
@@ -262,12 +274,12 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         if chooses:
             k_rand = torch.round(k.double() * self.cfg.masker_random_share).long()
             chosen_rand = masking.uniform_select(units, k_rand, g)
+            u = torch.rand(tokens.shape, generator=g, device=tokens.device)  # the Gumbel draw
             with torch.set_grad_enabled(trains), record_function("masker"):
-                masker_logits = masker(tokens, padded=padded)  # (B, T)
-                draw = masking.gumbel_top_k(
-                    masker_logits, units & ~chosen_rand, k - k_rand,
-                    self.cfg.masker_temperature, g,
-                )
+                draw = masking.Draw(*self._masker_draw(model)(
+                    masker, tokens, padded, units & ~chosen_rand, k - k_rand,
+                    self.cfg.masker_temperature, u,
+                ))
             chosen = chosen_rand | draw.selected
         elif self.strategy == "span":
             seed = int(torch.randint(2**62, (1,), generator=g, device=g.device))
@@ -439,6 +451,16 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def masker_draw(masker, tokens: Tensor, padded: bool | None, available: Tensor, k: Tensor,
+                temperature: float, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The masker's forward and its Gumbel-top-k draw of k[b] of the `available` units from
+    the uniform draw u: (selected, log_prob, entropy) of `masking.Draw`. One function without
+    a generator, so that torch.compile traces the whole of it."""
+    logits = masker(tokens, padded=padded)  # (B, T)
+    draw = masking.gumbel_top_k_from_uniform(logits, available, k, temperature, u)
+    return draw.selected, draw.log_prob, draw.entropy
 
 
 def _ddp() -> bool:

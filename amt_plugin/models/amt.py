@@ -79,16 +79,16 @@ class AMTModel(RobertaModel):
         return cls(args, encoder)
 
     def compile_blocks(self, mode: str = "default") -> None:
-        """torch.compile every predictor layer and the masker, in place, in torch.compile's
-        `mode` (reduce-overhead: each block replays as a CUDA graph).
+        """torch.compile every predictor layer, in place, in torch.compile's `mode`
+        (reduce-overhead: each block replays as a CUDA graph), and record the mode in
+        `compile_mode`: the criterion then compiles the masker together with its draw.
 
         In place (`Module.compile`), so parameter names and checkpoints do not change. The
         LM head stays eager: its input size (the masked positions) changes every batch.
         """
-        mode = None if mode == "default" else mode
+        self.compile_mode = mode
         for layer in self.encoder.sentence_encoder.layers:
-            layer.compile(mode=mode)
-        self.masker.compile(mode=mode)
+            layer.compile(mode=None if mode == "default" else mode)
 
     def predictor_state_dict(self) -> dict:
         """The predictor alone: exactly the keys of a fairseq `roberta` model."""

@@ -59,7 +59,8 @@ def test_training_under_cuda_graphs_follows_eager(device):
         if compiled:
             task.cfg.torch_compile, task.cfg.torch_compile_mode = True, mode
             model.compile_blocks(mode)
-            assert model.masker._compiled_call_impl is not None
+            layers = model.encoder.sentence_encoder.layers
+            assert all(layer._compiled_call_impl is not None for layer in layers)
         optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3]), list(model.parameters()))
         sample = to_device(make_sample(task), device)
         losses[compiled] = []
@@ -70,6 +71,7 @@ def test_training_under_cuda_graphs_follows_eager(device):
             losses[compiled].append(loss.item())
         _, _, valid_log = task.valid_step(sample, model, criterion)
         assert torch.isfinite(torch.as_tensor(valid_log["fixed_nll"])).all()
+        assert (criterion._compiled_draw is not None) == compiled  # the masker and its draw
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     if device == "cuda":  # a second micro-batch on top of the last one's gradients
         with pytest.raises(ValueError, match="update-freq 1"):
@@ -87,3 +89,22 @@ def test_compile_mode_needs_torch_compile():
     ARCH_CONFIG_REGISTRY["amt_tiny"](args)
     with pytest.raises(ValueError, match="needs --torch-compile"):
         task.build_model(args)
+
+
+@pytest.mark.parametrize("trains", [True, False])
+def test_masker_and_its_draw_compile_as_one_graph(trains):
+    # under --torch-compile the criterion compiles masker_draw whole: a graph break would
+    # send part of it back to eager, one kernel per op
+    from amt_plugin.criterions.adversarial_masked_lm import masker_draw
+
+    task, model, _ = build()
+    tokens = make_sample(task)["net_input"]["src_tokens"]
+    available = tokens.gt(3)
+    k = torch.full((tokens.size(0),), 3)
+    u = torch.rand(tokens.shape)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(trains):
+        explained = torch._dynamo.explain(masker_draw)(model.masker, tokens, True, available, k,
+                                                        1.0, u)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, \
+        explained.break_reasons
