@@ -21,7 +21,8 @@ Objective (both players minimise their own loss; gradients never cross):
              (detached: the masker maximises the predictor's loss, it does not backprop into it)
     rbar_b = leave-one-out mean of r over the other sequences of the batch (the baseline);
              in a micro-batch where only one sequence acted (--batch-size 1, an epoch's last
-             batch), a running mean of past batches' rewards (decay 0.9, kept on the device)
+             batch), a running mean of past batches' rewards (decay 0.9, kept on the device
+             and saved in checkpoints with the masker)
     H_b    = entropy of softmax(logits_b / temperature) over b's selectable units
     beta   = --masker-entropy-weight;  B' = sequences where the masker chose something
 
@@ -148,9 +149,6 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         self.mask_idx = task.mask_idx
         self.num_updates = 0
         self._calls_this_update = 0
-        # the masker's fallback baseline (see reinforce_loss); not checkpointed: after a
-        # resume it restarts from the first batch's rewards
-        self._reward_mean: Tensor | None = None
         self._compiled_draw = None  # see _masker_draw
 
         d = task.source_dictionary
@@ -327,9 +325,9 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             acted = n_by_masker > 0
             reward = (loss_grid * by_masker).sum(dim=1) / n_by_masker.clamp(min=1)  # (B,)
             masker_loss = reinforce_loss(reward, draw.log_prob, draw.entropy, acted,
-                                         self.cfg.masker_entropy_weight, self._reward_mean)
-            if model.training:
-                self._reward_mean = running_mean(self._reward_mean, reward, acted)
+                                         self.cfg.masker_entropy_weight, masker.reward_mean)
+            if model.training:  # the fallback baseline, saved with the masker
+                masker.reward_mean = running_mean(masker.reward_mean, reward, acted)
             # collapse diagnostic: distinct types among the masker's picks in this batch,
             # counted without reading sizes back to the host
             picks_per_type = torch.zeros(self.is_top.numel(), dtype=torch.int32,

@@ -74,6 +74,12 @@ class Masker(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, 1)
+        # The criterion's fallback baseline for its policy gradient (a running mean of past
+        # rewards, a scalar tensor on the device; None or NaN before the first acting batch). Kept
+        # here, outside the parameters and buffers, so that it stays fp32 whatever the
+        # masker's dtype and travels in checkpoints (see get_extra_state): a resumed run
+        # continues with the same baseline.
+        self.reward_mean: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,3 +109,20 @@ class Masker(nn.Module):
         for layer in self.layers:
             x = layer(x, attend)
         return self.head(self.norm(x)).squeeze(-1)  # (B, T)
+
+    def get_extra_state(self) -> Tensor:
+        """Saved under `masker._extra_state`: the running reward mean as an fp32 tensor of
+        one element, or of none before there is one; a tensor, so that checkpoint tools
+        handle it like the weights."""
+        if self.reward_mean is None:
+            return torch.zeros(0)
+        return self.reward_mean.detach().float().reshape(1)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.reward_mean = state.to(self.head.weight.device, torch.float32).reshape(()) \
+            if state.numel() else None
+
+    def upgrade_state_dict_named(self, state_dict: dict, name: str) -> None:
+        """Checkpoints from before the running mean was saved: it starts afresh."""
+        state_dict.setdefault(f"{name}._extra_state" if name else "_extra_state",
+                              torch.zeros(0))

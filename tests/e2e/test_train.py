@@ -61,6 +61,9 @@ def test_resume_continues_the_update_count_and_both_optimizer_states(zipf_data, 
     # predictor: every update; masker: update_num 4, 6, 8 (then 10, ..., 18 after resuming)
     assert steps_by_group(first) == {"predictor": {10}, "masker": {3}}
     assert steps_by_group(last) == {"predictor": {20}, "masker": {8}}
+    # and the masker's running reward mean (its fallback baseline) is saved with it
+    for ckpt in (first, last):
+        assert math.isfinite(ckpt["model"]["masker._extra_state"].item())
 
 
 def test_random_strategy_never_moves_the_masker(zipf_data, tmp_path):

@@ -163,7 +163,7 @@ def test_masker_learns_from_single_sequence_micro_batches():
     first = criterion.play(model, single[0])
     masker = list(model.masker.parameters())
     assert all(g is None or not g.any() for g in grads(first.masker_loss, masker))
-    assert criterion._reward_mean is not None and not criterion._reward_mean.isnan()
+    assert model.masker.reward_mean is not None and not model.masker.reward_mean.isnan()
     later = criterion.play(model, single[1])
     assert any(g is not None and g.abs().sum() > 0 for g in grads(later.masker_loss, masker))
 
@@ -277,3 +277,23 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights():
     loss.backward()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_running_mean_travels_in_the_checkpoint_and_stays_fp32():
+    task, model, criterion = build(masker_warmup_updates=0)
+    model.train()
+    criterion.groups_to_step(0)
+    criterion.play(model, make_sample(task))
+    saved = model.state_dict()
+    mean = model.masker.reward_mean.item()
+    assert saved["masker._extra_state"].item() == mean and mean == mean  # not NaN
+    _, resumed, _ = build()
+    assert resumed.masker.reward_mean is None
+    resumed.load_state_dict(saved, strict=True)  # fairseq's load: upgrade, then strict
+    assert resumed.masker.reward_mean.item() == mean
+    resumed.bfloat16()  # --bf16-weights casts the model; the baseline keeps its precision
+    assert resumed.masker.reward_mean.dtype == torch.float32
+    # a checkpoint from before the running mean was saved loads, and starts it afresh
+    old = {k: v for k, v in saved.items() if k != "masker._extra_state"}
+    resumed.load_state_dict(old, strict=True)
+    assert resumed.masker.reward_mean is None
