@@ -8,9 +8,9 @@
 # scripts/download_wheels.sh) into a temporary directory put on PYTHONPATH. Then: the unit
 # tests (this Python and torch; tests/unit/test_devices.py also runs every strategy on CUDA),
 # then benchmarks/gpu_throughput.py with the options given (default: --numerics --profile
-# --time-budget 420, i.e. the throughput table, where a step's time goes and the
+# --time-budget 380, i.e. the throughput table, where a step's time goes and the
 # bf16-against-fp32 curves, the decisive rows first), then benchmarks/predictor_step.py at
-# base and small shape; about 9 minutes in all on an H100. Everything lands in OUTDIR as it
+# base and small shape; under 9 minutes in all on an H100. Everything lands in OUTDIR as it
 # is measured. The corpus is kept in $TMPDIR, so a second call on the machine reuses it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,9 +36,9 @@ fi
 } | tee "$out/machine.txt"
 # a failing test is reported in unit-tests.txt; the measurements still run
 "$python" -m pytest -q -p no:logging tests/unit 2>&1 | tee "$out/unit-tests.txt" | tail -3 || true
-# no options: everything that fits in 7 minutes, most decisive first (see gpu_throughput.py);
+# no options: everything that fits in 380 s, most decisive first (see gpu_throughput.py);
 # or choose, e.g. --rows fp16 --numerics --time-budget 400 for what a first run had to skip
-[ $# -gt 0 ] || set -- --numerics --profile --time-budget 420
+[ $# -gt 0 ] || set -- --numerics --profile --time-budget 380
 "$python" benchmarks/gpu_throughput.py --json "$out/gpu.json" \
     --corpus-dir "${TMPDIR:-/tmp}/amt-gpu-corpus" "$@" \
     2> "$out/gpu-runs.log" | tee "$out/gpu.md"
