@@ -27,8 +27,11 @@ SCRIPT = textwrap.dedent("""
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=2)
         task, model, criterion = build(masker_warmup_updates=1, masker_update_freq=2)
+        if {compiled}:  # --torch-compile: compiled layers, the masker's draw compiled whole
+            model.compile_blocks()
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-        ddp.masker = model.masker  # fairseq's ModuleProxyWrapper forwards attributes like this
+        # fairseq's ModuleProxyWrapper forwards attributes like this
+        ddp.masker, ddp.compile_mode = model.masker, getattr(model, "compile_mode", None)
         ddp.train()
         for update in range(4):  # rests at 0 (warm-up) and 2, trains at 1 and 3
             model.zero_grad()
@@ -42,6 +45,7 @@ SCRIPT = textwrap.dedent("""
             assert torch.equal(gathered[0], gathered[1]), update
             masker_grad = sum(p.grad.abs().sum() for p in model.masker.parameters())
             assert (masker_grad > 0) == (update in (1, 3)), update
+        assert (criterion._compiled_draw is not None) == {compiled}
         dist.barrier()  # no rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
         if rank == 0:
@@ -56,11 +60,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_masker_beside_the_ddp_forward_gets_synchronised_gradients(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_masker_beside_the_ddp_forward_gets_synchronised_gradients(tmp_path, compiled):
     from tests.e2e.test_train import free_port
 
     script = tmp_path / "ddp.py"
-    script.write_text(SCRIPT.format(root=str(ROOT)))
+    script.write_text(SCRIPT.format(root=str(ROOT), compiled=compiled))
     proc = subprocess.run([sys.executable, str(script), str(free_port())],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=ENV, timeout=300)
