@@ -13,7 +13,12 @@ training step is: masker -> choose positions -> corrupt -> predictor.
 
 from __future__ import annotations
 
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import (
+    BaseFairseqModel,
+    FairseqEncoder,
+    register_model,
+    register_model_architecture,
+)
 from fairseq.models.roberta import RobertaModel
 from fairseq.models.roberta.model import base_architecture as roberta_base_architecture
 from fairseq.models.roberta.model import roberta_large_architecture
@@ -77,6 +82,31 @@ class AMTModel(RobertaModel):
         if OmegaConf.is_config(args):
             OmegaConf.set_struct(args, True)
         return cls(args, encoder)
+
+    # Host time per update: at small shapes a GPU waits for the host, and fairseq's per-update
+    # bookkeeping walks the whole module tree several times. Two of those walks are cut here.
+
+    def train(self, mode: bool = True):
+        """nn.Module.train, skipped when every module is in that mode already: the trainer
+        and the task switch the model to training on every update, and setting the flag
+        on each module costs several times more host time than checking it."""
+        if all(m.training == mode for m in self.modules()):
+            return self
+        return super().train(mode)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq's version walks every module on every update, and each FairseqEncoder in
+        the tree walks its own subtree again, for modules that ignore the number. Here the
+        modules with a set_num_updates of their own are found once and called directly.
+        (Found at the first update: a module added to the model later is not called.)"""
+        listeners = self.__dict__.get("_update_listeners")
+        if listeners is None:
+            walkers = (BaseFairseqModel.set_num_updates, FairseqEncoder.set_num_updates)
+            listeners = [m for m in self.modules() if m is not self and getattr(
+                type(m), "set_num_updates", None) not in (None, *walkers)]
+            self.__dict__["_update_listeners"] = listeners
+        for m in listeners:
+            m.set_num_updates(num_updates)
 
     def compile_blocks(self, mode: str = "default") -> None:
         """torch.compile every predictor layer, in place, in torch.compile's `mode`
