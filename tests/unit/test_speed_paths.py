@@ -242,3 +242,28 @@ def test_fused_and_foreach_adam_take_the_same_step():
         plain.step(groups={"predictor", "masker"} if step != 1 else {"predictor"})
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_train_mode_and_update_count_reach_every_module_that_needs_them():
+    # AMTModel.train skips the walk when nothing would change; set_num_updates calls only
+    # modules with a set_num_updates of their own
+    _, model, _ = build()
+    model.masker.eval()  # a part left in eval mode is still switched back
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+
+    class Listener(torch.nn.Module):
+        seen = None
+
+        def set_num_updates(self, num_updates):
+            self.seen = num_updates
+
+    listener = Listener()
+    model.encoder.sentence_encoder.layers[0].add_module("schedule", listener)
+    model.set_num_updates(7)
+    model.set_num_updates(8)
+    assert listener.seen == 8
