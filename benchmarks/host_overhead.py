@@ -1,6 +1,7 @@
 """Host-side work per training update: operator calls and host-device syncs, AMT against stock.
 
     .venv/bin/python benchmarks/host_overhead.py [--updates 12] [--arch amt_tiny]
+        [--host-updates 40]
 
 On a GPU every operator call is a kernel launch that the CPU must issue, and every sync
 (`.item()`, `bool(tensor)`, boolean-mask indexing, `nonzero`, `unique`, ...) stalls the CPU
@@ -13,6 +14,12 @@ the first two. Not counted, because a CPU run cannot see them: device-to-host co
 (`.cpu()`, `.tolist()`; AMT makes one per update, for the logged sums) and reads of the
 optimizer's step counters, which torch keeps on the host. The aten call counts are CPU ones:
 on a GPU, stock fairseq --fp16 steps one flattened parameter instead of each one.
+
+Then the host time itself: each run again at the architecture's depth but 16 wide, timing
+`Trainer.train_step`, so what is measured is Python and dispatch, not arithmetic: fairseq's
+per-update bookkeeping, the criterion's, the optimizer's. Reported as milliseconds per update
+and as a ratio to stock measured in the same script. A CPU's host time is not a GPU host's,
+but the two move together.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -115,10 +123,44 @@ def count(data: Path, flags: list[str], updates: int) -> tuple[float, float, dic
             {k: v / len(steady) for k, v in sorted(kinds.items())})
 
 
+def host_time(data: Path, flags: list[str], updates: int) -> float:
+    """Median milliseconds per `Trainer.train_step` of one in-process fairseq-train run of a
+    model too narrow for its arithmetic to matter: what is left is host time (Python,
+    dispatch), the cost that bounds a GPU at small shapes."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+    from fairseq_cli.train import main as train_main
+
+    times: list[float] = []
+    original = Trainer.train_step
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - start)
+
+    argv = [str(data), "--max-update", str(updates), "--cpu", "--num-workers", "0",
+            "--no-save", "--disable-validation", "--log-format", "none", "--seed", "1",
+            "--tokens-per-sample", "64", "--batch-size", "8", "--lr", "1e-4", *flags]
+    parser = options.get_training_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
+    Trainer.train_step = timed
+    try:
+        train_main(cfg)
+    finally:
+        Trainer.train_step = original
+    return 1e3 * statistics.median(times[5:] or times)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--updates", type=int, default=12)
     p.add_argument("--arch", default="amt_tiny")
+    p.add_argument("--host-updates", type=int, default=40,
+                   help="updates of each host-time run")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from fairseq.models import ARCH_CONFIG_REGISTRY
@@ -144,12 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         "AMT learned, masker trains": amt,
         "AMT learned, masker trains, bf16 autocast": [*amt, "--bf16-autocast"],
     }
-    rows = []
+    narrow = ["--encoder-embed-dim", "16", "--encoder-ffn-embed-dim", "64",
+              "--encoder-attention-heads", "1"]
+    narrow_masker = ["--masker-embed-dim", "16", "--masker-ffn-embed-dim", "64",
+                     "--masker-attention-heads", "1"]
+    rows, host = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_corpus(Path(tmp), 2000, 3000, 100, (10, 60))
         for name, flags in runs.items():
             ops, syncs, kinds = count(data, flags, args.updates)
             rows.append((name, ops, syncs, kinds))
+            amt_run = "--user-dir" in flags
+            host[name] = host_time(data, [*flags, *narrow, *(narrow_masker if amt_run else [])],
+                                   args.host_updates)
             print(f"measured {name}", file=sys.stderr, flush=True)
     print(f"\n{args.arch} shape, 8 x 64 tokens per update, CPU, per update (median over "
           f"updates 3-{args.updates})\n")
@@ -158,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, ops, syncs, kinds in rows:
         detail = ", ".join(f"{k} {v:g}" for k, v in kinds.items())
         print(f"| {name} | {ops:,.0f} | {syncs:g} | {detail} |")
+    stock = host[next(iter(runs))]
+    print(f"\nHost time per update: the same runs {args.arch}'s depth but 16 wide (masker "
+          f"too), so that arithmetic is negligible; median over updates 6-{args.host_updates}"
+          f"\n")
+    print("| run | host ms per update | ratio to stock |")
+    print("|---|---|---|")
+    for name, ms in host.items():
+        print(f"| {name} | {ms:.1f} | {ms / stock:.2f}x |")
     return 0
 
 

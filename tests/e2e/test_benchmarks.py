@@ -57,13 +57,19 @@ def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
 
 def test_host_overhead_script_counts_fewer_syncs_for_amt_than_stock():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"),
-                           "--updates", "5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=ENV, timeout=600)
+                           "--updates", "5", "--host-updates", "8"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    rows = {r.split(" | ")[0][2:]: r.split(" | ") for r in proc.stdout.splitlines()
+    counts, host = proc.stdout.split("Host time per update")
+    rows = {r.split(" | ")[0][2:]: r.split(" | ") for r in counts.splitlines()
             if r.startswith("| ") and not r.startswith("| run")}
     syncs = {name: float(cols[2]) for name, cols in rows.items()}
     assert syncs["AMT learned, masker trains"] < syncs["stock masked_lm, adam"]
+    times = {r.split(" | ")[0][2:]: r.split(" | ") for r in host.splitlines()
+             if r.startswith("| ") and not r.startswith("| run")}
+    assert times.keys() == rows.keys()
+    assert times["stock masked_lm, adam"][2] == "1.00x |"
+    assert all(float(cols[1]) > 0 for cols in times.values())
 
 
 def test_predictor_step_script_times_both_encoders_in_both_precisions():
