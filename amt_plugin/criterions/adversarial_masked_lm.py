@@ -219,7 +219,10 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         if mode is None:
             return masker_draw
         if self._compiled_draw is None:
-            self._compiled_draw = torch.compile(masker_draw,
+            # dynamic shapes from the start: batches of other lengths reuse the one graph
+            # (no static first variant), leaving room under torch's limit of 8 variants for
+            # grad on / off (a resting masker) and padded / unpadded batches
+            self._compiled_draw = torch.compile(masker_draw, dynamic=True,
                                                 mode=None if mode == "default" else mode)
         return self._compiled_draw
 

@@ -10,6 +10,7 @@ bf16 training switched on without its --tpu (`--bf16-weights`), torch.compile of
 """
 
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -175,16 +176,17 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             model.compile_blocks(self.cfg.torch_compile_mode)
         return model
 
-    def _begin_step(self, model, training: bool) -> None:
+    def _begin_step(self, model) -> None:
         """Under CUDA graphs (--torch-compile-mode reduce-overhead / max-autotune on a GPU),
-        tell torch that a new step begins: the graphs then reuse the buffers of the previous
-        step's outputs, which no one holds any more (the trainer has stepped and logged)."""
+        tell torch that a new training step begins: the graphs then reuse the buffers of the
+        previous step's outputs, which no one holds any more (the trainer has stepped and
+        logged)."""
         if not (self.cfg.torch_compile and self.cfg.torch_compile_mode in CUDA_GRAPH_MODES):
             return
         first = next(model.parameters())
         if not first.is_cuda:
             return
-        if training and first.grad is not None:
+        if first.grad is not None:
             # the parameter gradients live in the graphs' output buffers, which the next
             # micro-batch's replay overwrites: accumulation would silently go wrong
             raise ValueError(
@@ -234,7 +236,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             self.groups_to_step = criterion.groups_to_step(update_num)
         model.train()
         model.set_num_updates(update_num)
-        self._begin_step(model, training=True)
+        self._begin_step(model)
         with torch.autograd.profiler.record_function("forward"), self.autocast(model, optimizer):
             loss, sample_size, logging_output = criterion(model, sample)
         if ignore_grad:
@@ -245,8 +247,12 @@ class AdversarialMaskedLMTask(MaskedLMTask):
 
     def valid_step(self, sample, model, criterion):
         model.eval()
-        self._begin_step(model, training=False)
-        with torch.no_grad(), self.autocast(model):
+        # Under --torch-compile validation runs eager: its modes (eval, no grad) would double
+        # each compiled block's variants, and past 8 torch stops compiling and falls back to
+        # eager for every new one, in training too.
+        eager = torch.compiler.set_stance("force_eager") if self.cfg.torch_compile \
+            else contextlib.nullcontext()
+        with torch.no_grad(), self.autocast(model), eager:
             return criterion(model, sample)
 
     def optimizer_step(self, optimizer, model, update_num) -> None:

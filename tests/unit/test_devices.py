@@ -108,3 +108,39 @@ def test_masker_and_its_draw_compile_as_one_graph(trains):
                                                         1.0, u)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, \
         explained.break_reasons
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_variants_stay_under_torchs_recompile_limit(device):
+    # batches of several lengths, padded and not, a resting masker, validation in between:
+    # torch compiles at most 8 variants of a function, then runs every new one eager
+    from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from amt_plugin.criterions.adversarial_masked_lm import masker_draw
+
+    torch._dynamo.reset()
+    task, model, criterion = build(masker_warmup_updates=0, masker_update_freq=2)
+    model, criterion = model.to(device), criterion.to(device)
+    task.cfg.torch_compile = True
+    model.compile_blocks()
+    optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3]), list(model.parameters()))
+    update = 0
+    for T in (32, 28, 24):
+        padded = make_sample(task, B=8, T=T, seed=T)
+        rows = make_sample(task, B=9, T=T, seed=T)["net_input"]["src_tokens"][1:]
+        unpadded = {"id": torch.arange(8), "net_input": {"src_tokens": rows},
+                    "nsentences": 8, "ntokens": rows.numel()}
+        for sample in (padded, unpadded):
+            sample = to_device(sample, device)
+            for _ in range(2):  # the masker trains, then rests
+                optimizer.zero_grad()
+                task.train_step(sample, model, criterion, optimizer, update_num=update)
+                task.optimizer_step(optimizer, model, update_num=update)
+                update += 1
+            task.valid_step(sample, model, criterion)
+    limit = getattr(torch._dynamo.config, "recompile_limit", None) or \
+        torch._dynamo.config.cache_size_limit
+    for fn in (masker_draw, TransformerEncoderLayerBase.forward):
+        variants = len(_debug_get_cache_entry_list(fn.__code__))
+        assert 0 < variants <= limit // 2, (fn.__qualname__, variants)
