@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import statistics
 import sys
@@ -83,37 +84,45 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(data: Path, flags: list[str], updates: int) -> tuple[float, float, dict]:
-    """Median aten calls and syncs per update of one in-process fairseq-train run."""
+def train_in_process(data: Path, flags: list[str], updates: int, wrap, context) -> None:
+    """Run fairseq-train on `data` in this process (CPU, 8 x 64 tokens per update), inside
+    `context`, with `Trainer.train_step` replaced by `wrap(original train_step)`."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.trainer import Trainer
     from fairseq_cli.train import main as train_main
-
-    counter = Counter()
-    per_update: list[tuple[int, collections.Counter]] = []
-    original = Trainer.train_step
-
-    def counted(self, *args, **kwargs):
-        counter.ops, counter.syncs = 0, collections.Counter()
-        counter.active = True
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            counter.active = False
-            per_update.append((counter.ops, counter.syncs))
 
     argv = [str(data), "--max-update", str(updates), "--cpu", "--num-workers", "0",
             "--no-save", "--disable-validation", "--log-format", "none", "--seed", "1",
             "--tokens-per-sample", "64", "--batch-size", "8", "--lr", "1e-4", *flags]
     parser = options.get_training_parser()
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
-    Trainer.train_step = counted
+    original = Trainer.train_step
+    Trainer.train_step = wrap(original)
     try:
-        with counter:
+        with context:
             train_main(cfg)
     finally:
         Trainer.train_step = original
+
+
+def count(data: Path, flags: list[str], updates: int) -> tuple[float, float, dict]:
+    """Median aten calls and syncs per update of one in-process fairseq-train run."""
+    counter = Counter()
+    per_update: list[tuple[int, collections.Counter]] = []
+
+    def wrap(original):
+        def counted(self, *args, **kwargs):
+            counter.ops, counter.syncs = 0, collections.Counter()
+            counter.active = True
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                counter.active = False
+                per_update.append((counter.ops, counter.syncs))
+        return counted
+
+    train_in_process(data, flags, updates, wrap, counter)
     steady = per_update[2:] or per_update
     kinds = collections.Counter()
     for _, syncs in steady:
@@ -127,31 +136,18 @@ def host_time(data: Path, flags: list[str], updates: int) -> float:
     """Median milliseconds per `Trainer.train_step` of one in-process fairseq-train run of a
     model too narrow for its arithmetic to matter: what is left is host time (Python,
     dispatch), the cost that bounds a GPU at small shapes."""
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.trainer import Trainer
-    from fairseq_cli.train import main as train_main
-
     times: list[float] = []
-    original = Trainer.train_step
 
-    def timed(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            times.append(time.perf_counter() - start)
+    def wrap(original):
+        def timed(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                times.append(time.perf_counter() - start)
+        return timed
 
-    argv = [str(data), "--max-update", str(updates), "--cpu", "--num-workers", "0",
-            "--no-save", "--disable-validation", "--log-format", "none", "--seed", "1",
-            "--tokens-per-sample", "64", "--batch-size", "8", "--lr", "1e-4", *flags]
-    parser = options.get_training_parser()
-    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
-    Trainer.train_step = timed
-    try:
-        train_main(cfg)
-    finally:
-        Trainer.train_step = original
+    train_in_process(data, flags, updates, wrap, contextlib.nullcontext())
     return 1e3 * statistics.median(times[5:] or times)
 
 
