@@ -74,9 +74,9 @@ class Masker(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, 1)
-        # The criterion's fallback baseline for its policy gradient (a running mean of past
-        # rewards, a scalar tensor on the device; None or NaN before the first acting batch). Kept
-        # here, outside the parameters and buffers, so that it stays fp32 whatever the
+        # The criterion's fallback baseline for its policy gradient: a running mean of past
+        # rewards, a scalar tensor on the device (None or NaN before the first acting batch).
+        # Kept here, outside the parameters and buffers, so that it stays fp32 whatever the
         # masker's dtype and travels in checkpoints (see get_extra_state): a resumed run
         # continues with the same baseline.
         self.reward_mean: Tensor | None = None
