@@ -149,7 +149,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         self.mask_idx = task.mask_idx
         self.num_updates = 0
         self._calls_this_update = 0
-        self._compiled_draw = None  # see _masker_draw
+        self._compiled_fns = {}  # see _compiled
 
         d = task.source_dictionary
         special = list(range(d.nspecial)) + [task.mask_idx]
@@ -212,19 +212,19 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         g.manual_seed(seed)
         return g
 
-    def _masker_draw(self, model):
-        """`masker_draw`, compiled in the model's torch.compile mode when its blocks are
-        (--torch-compile), so the masker and its draw run as one fused graph."""
+    def _compiled(self, fn, model):
+        """`fn` (masker_draw, masker_objective), compiled in the model's torch.compile mode
+        when its blocks are (--torch-compile), so that each runs as one fused graph."""
         mode = getattr(model, "compile_mode", None)
         if mode is None:
-            return masker_draw
-        if self._compiled_draw is None:
+            return fn
+        if fn not in self._compiled_fns:
             # dynamic shapes from the start: batches of other lengths reuse the one graph
             # (no static first variant), leaving room under torch's limit of 8 variants for
             # grad on / off (a resting masker) and padded / unpadded batches
-            self._compiled_draw = torch.compile(masker_draw, dynamic=True,
-                                                mode=None if mode == "default" else mode)
-        return self._compiled_draw
+            self._compiled_fns[fn] = torch.compile(fn, dynamic=True,
+                                                   mode=None if mode == "default" else mode)
+        return self._compiled_fns[fn]
 
     # --- one forward ----------------------------------------------------------------------
 
@@ -277,7 +277,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             chosen_rand = masking.uniform_select(units, k_rand, g)
             u = torch.rand(tokens.shape, generator=g, device=tokens.device)  # the Gumbel draw
             with torch.set_grad_enabled(trains), record_function("masker"):
-                draw = masking.Draw(*self._masker_draw(model)(
+                draw = masking.Draw(*self._compiled(masker_draw, model)(
                     masker, tokens, padded, units & ~chosen_rand, k - k_rand,
                     self.cfg.masker_temperature, u,
                 ))
@@ -324,26 +324,17 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
                 by_masker = masking.from_word_start(by_masker, starts) & candidates
             loss_grid = torch.zeros(tokens.numel(), dtype=token_loss.dtype, device=tokens.device)
             loss_grid = loss_grid.index_copy(0, flat, token_loss.detach()).view_as(tokens)
-            n_by_masker = by_masker.sum(dim=1)  # (B,)
-            acted = n_by_masker > 0
-            reward = (loss_grid * by_masker).sum(dim=1) / n_by_masker.clamp(min=1)  # (B,)
-            masker_loss = reinforce_loss(reward, draw.log_prob, draw.entropy, acted,
-                                         self.cfg.masker_entropy_weight, masker.reward_mean)
-            if model.training:  # the fallback baseline, saved with the masker
-                masker.reward_mean = running_mean(masker.reward_mean, reward, acted)
-            # collapse diagnostic: distinct types among the masker's picks in this batch,
-            # counted without reading sizes back to the host
-            picks_per_type = torch.zeros(self.is_top.numel(), dtype=torch.int32,
-                                         device=tokens.device)
-            picks_per_type.scatter_add_(0, tokens.flatten(), draw.selected.flatten().int())
-            logging_output.update(
-                masker_loss=masker_loss.detach() * B,
-                masker_reward=(reward * acted).sum().detach(),
-                masker_acted=acted.sum(),
-                masker_entropy=draw.entropy.detach().sum(),
-                masker_picks=draw.selected.sum(),
-                masker_distinct=(picks_per_type > 0).sum(),
+            previous = masker.reward_mean
+            if previous is None:  # NaN: no running mean yet (one compiled variant, not two)
+                previous = torch.full((), float("nan"), device=tokens.device)
+            masker_loss, reward_mean, masker_logs = self._compiled(masker_objective, model)(
+                loss_grid, by_masker, draw.selected, tokens, draw.log_prob, draw.entropy,
+                previous, self.cfg.masker_entropy_weight, self.is_top.numel(),
             )
+            if model.training:  # the fallback baseline, saved with the masker; a copy, since
+                # under CUDA graphs the next replay reuses the output's memory
+                masker.reward_mean = reward_mean.clone()
+            logging_output.update(masker_logs)
         else:
             # the selection distribution is uniform over the units: entropy log n
             logging_output["masker_entropy"] = n.clamp(min=1).double().log().sum()
@@ -462,6 +453,31 @@ def masker_draw(masker, tokens: Tensor, padded: bool | None, available: Tensor, 
     logits = masker(tokens, padded=padded)  # (B, T)
     draw = masking.gumbel_top_k_from_uniform(logits, available, k, temperature, u)
     return draw.selected, draw.log_prob, draw.entropy
+
+
+def masker_objective(loss_grid: Tensor, by_masker: Tensor, selected: Tensor, tokens: Tensor,
+                     log_prob: Tensor, entropy: Tensor, reward_mean: Tensor,
+                     entropy_weight: float, vocab_size: int) -> tuple[Tensor, Tensor, dict]:
+    """The masker's REINFORCE loss from the predictor's detached loss per position,
+    loss_grid (B, T), over the positions it chose (by_masker; `selected`: its units); the
+    running mean of rewards updated with this batch (reward_mean: NaN while there is none);
+    and the logged sums. No host reads and no generator: torch.compile traces all of it."""
+    n_by_masker = by_masker.sum(dim=1)  # (B,)
+    acted = n_by_masker > 0
+    reward = (loss_grid * by_masker).sum(dim=1) / n_by_masker.clamp(min=1)  # (B,)
+    loss = reinforce_loss(reward, log_prob, entropy, acted, entropy_weight, reward_mean)
+    # collapse diagnostic: distinct types among the masker's picks in this batch
+    picks_per_type = torch.zeros(vocab_size, dtype=torch.int32, device=tokens.device)
+    picks_per_type.scatter_add_(0, tokens.flatten(), selected.flatten().int())
+    logs = {
+        "masker_loss": loss.detach() * tokens.size(0),
+        "masker_reward": (reward * acted).sum(),
+        "masker_acted": acted.sum(),
+        "masker_entropy": entropy.detach().sum(),
+        "masker_picks": selected.sum(),
+        "masker_distinct": (picks_per_type > 0).sum(),
+    }
+    return loss, running_mean(reward_mean, reward, acted), logs
 
 
 def _ddp() -> bool:

@@ -71,7 +71,8 @@ def test_training_under_cuda_graphs_follows_eager(device):
             losses[compiled].append(loss.item())
         _, _, valid_log = task.valid_step(sample, model, criterion)
         assert torch.isfinite(torch.as_tensor(valid_log["fixed_nll"])).all()
-        assert (criterion._compiled_draw is not None) == compiled  # the masker and its draw
+        # the masker with its draw, and its objective, each compiled as one graph
+        assert len(criterion._compiled_fns) == (2 if compiled else 0)
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     if device == "cuda":  # a second micro-batch on top of the last one's gradients
         with pytest.raises(ValueError, match="update-freq 1"):
@@ -92,10 +93,10 @@ def test_compile_mode_needs_torch_compile():
 
 
 @pytest.mark.parametrize("trains", [True, False])
-def test_masker_and_its_draw_compile_as_one_graph(trains):
-    # under --torch-compile the criterion compiles masker_draw whole: a graph break would
-    # send part of it back to eager, one kernel per op
-    from amt_plugin.criterions.adversarial_masked_lm import masker_draw
+def test_the_masker_its_draw_and_its_objective_compile_as_one_graph_each(trains):
+    # under --torch-compile the criterion compiles masker_draw and masker_objective whole: a
+    # graph break would send part of them back to eager, one kernel per op
+    from amt_plugin.criterions.adversarial_masked_lm import masker_draw, masker_objective
 
     task, model, _ = build()
     tokens = make_sample(task)["net_input"]["src_tokens"]
@@ -104,10 +105,17 @@ def test_masker_and_its_draw_compile_as_one_graph(trains):
     u = torch.rand(tokens.shape)
     torch._dynamo.reset()
     with torch.set_grad_enabled(trains):
-        explained = torch._dynamo.explain(masker_draw)(model.masker, tokens, True, available, k,
-                                                        1.0, u)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, \
-        explained.break_reasons
+        explained = [torch._dynamo.explain(masker_draw)(model.masker, tokens, True, available,
+                                                         k, 1.0, u)]
+        selected, log_prob, entropy = masker_draw(model.masker, tokens, True, available, k,
+                                                  1.0, u)
+        loss_grid = torch.rand(tokens.shape)
+        for mean in (torch.tensor(float("nan")), torch.tensor(2.0)):
+            explained.append(torch._dynamo.explain(masker_objective)(
+                loss_grid, selected, selected, tokens, log_prob, entropy, mean, 0.01,
+                len(task.source_dictionary)))
+    for e in explained:
+        assert e.graph_count == 1 and e.graph_break_count == 0, e.break_reasons
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -117,7 +125,7 @@ def test_compiled_variants_stay_under_torchs_recompile_limit(device):
     from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from amt_plugin.criterions.adversarial_masked_lm import masker_draw
+    from amt_plugin.criterions.adversarial_masked_lm import masker_draw, masker_objective
 
     torch._dynamo.reset()
     task, model, criterion = build(masker_warmup_updates=0, masker_update_freq=2)
@@ -141,6 +149,6 @@ def test_compiled_variants_stay_under_torchs_recompile_limit(device):
             task.valid_step(sample, model, criterion)
     limit = getattr(torch._dynamo.config, "recompile_limit", None) or \
         torch._dynamo.config.cache_size_limit
-    for fn in (masker_draw, TransformerEncoderLayerBase.forward):
+    for fn in (masker_draw, masker_objective, TransformerEncoderLayerBase.forward):
         variants = len(_debug_get_cache_entry_list(fn.__code__))
         assert 0 < variants <= limit // 2, (fn.__qualname__, variants)
