@@ -12,8 +12,10 @@ fairseq's Adam (AdamW-style decoupled weight decay, same flags) with:
   because their gradients are dropped before the step and torch optimizers skip parameters
   without a gradient. fairseq's FP16Optimizer passes `groups` through (fairseq's fp16_optimizer.py);
 - gradient clipping per group (`--clip-norm` applies to each role on its own, so one player's
-  gradient norm never shrinks the other's step). Under `--fp16` fairseq's FP16Optimizer only
-  asks this optimizer for the norm and clips both roles jointly.
+  gradient norm never shrinks the other's step). Under `--fp16` and `--bf16-weights` fairseq's
+  FP16Optimizer asks this optimizer only for the norm and then scales every gradient by one
+  joint clipping factor; the task tells this optimizer about its wrapper (`clip_roles_under`),
+  and the norm request then also scales each role by its own factor over the joint one.
 
 Host overhead matters at small shapes on GPUs, where every kernel launch is issued by the
 CPU: the Adam update uses torch's fused kernel (one launch per group and dtype; torch's
@@ -149,23 +151,55 @@ class AMTAdam(FairseqOptimizer):
             else:
                 torch._foreach_mul_(grads, factor)
 
+    def clip_roles_under(self, wrapper, max_norm: float) -> None:
+        """This optimizer runs inside fairseq's FP16Optimizer `wrapper` (`--fp16`,
+        `--bf16-weights`), which clips to `max_norm` (the run's --clip-norm) jointly; see
+        clip_grad_norm. Called by the task before each update."""
+        self._wrapper = (wrapper, float(max_norm)) if max_norm > 0 else None
+
     def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
         """Clip each role's gradient to max_norm on its own (0 = only measure); return the
-        joint norm. fairseq's semantics, with foreach kernels: a few launches per group."""
-        norms = []
+        joint norm. fairseq's semantics, with foreach kernels: a few launches per group.
+
+        Inside FP16Optimizer (see clip_roles_under) the request comes with max_norm 0 and
+        gradients not yet multiplied by the wrapper's pending factor f, and the wrapper then
+        multiplies everything by its joint clipping factor c. Each role is scaled here by
+        c_role / c, so that it ends up clipped on its own, all on the device."""
+        groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True).float()
+            grads = [p.grad for p in params]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
             if aggregate_norm_fn is not None:
                 norm = aggregate_norm_fn(norm)
             if max_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-            norms.append(norm)
-        if not norms:
+            groups.append((grads, norm))
+        if not groups:
             return torch.tensor(0.0)
-        return torch.stack(norms).norm()
+        total = torch.stack([norm for _, norm in groups]).norm()
+        wrapped = getattr(self, "_wrapper", None)
+        if max_norm == 0 and wrapped is not None:
+            self._clip_each_role_within(groups, total, *wrapped)
+        return total
+
+    @staticmethod
+    @torch.no_grad()
+    def _clip_each_role_within(groups, total, wrapper, max_norm: float) -> None:
+        f = wrapper._multiply_factor  # what the wrapper multiplies the gradients by later
+        scaled = f * total
+        # the joint factor the wrapper applies next (fairseq's fp16_optimizer.py)
+        if getattr(wrapper, "scaler", None) is not None:
+            joint = torch.where(scaled > max_norm, max_norm / scaled, torch.ones_like(scaled))
+        else:
+            joint = (max_norm / (scaled + 1e-6)).clamp(max=1)
+        for grads, norm in groups:
+            own = (max_norm / (f * norm + 1e-6)).clamp(max=1)
+            # an overflowed step (non-finite norm) is skipped by the wrapper: leave it be
+            ratio = torch.where(scaled.isfinite(), own / joint, torch.ones_like(own))
+            torch._foreach_mul_(grads, ratio.to(grads[0].device))
 
 
 def fused_adam_supported(params: list) -> bool:

@@ -36,6 +36,8 @@ from fairseq.tasks import register_task
 from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 from omegaconf import OmegaConf, open_dict
 
+from ..optimizer import AMTAdam
+
 logger = logging.getLogger(__name__)
 
 MASKING_STRATEGIES = ["learned", "random", "span", "frequency"]
@@ -122,6 +124,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
                 f"(got {cfg.leave_unmasked_prob} + {cfg.random_token_prob})"
             )
         super().__init__(cfg, dictionary)
+        self._clip_norm = 0.0  # the run's --clip-norm, read by setup_task
         self.is_word_start = self._word_start_table() if cfg.mask_whole_words else None
         self.groups_to_step: set[str] | None = None  # set by train_step, used by optimizer_step
 
@@ -129,7 +132,12 @@ class AdversarialMaskedLMTask(MaskedLMTask):
     def setup_task(cls, cfg: AdversarialMaskedLMConfig, **kwargs):
         if cfg.bf16_weights and not kwargs.get("from_checkpoint"):
             enable_bf16_weights(cfg)
-        return super().setup_task(cfg, **kwargs)
+        task = super().setup_task(cfg, **kwargs)
+        # the run's --clip-norm, for clipping per role under FP16Optimizer (see train_step)
+        root = cfg._get_parent() if OmegaConf.is_config(cfg) else None
+        optimization = getattr(root, "optimization", None) if root is not None else None
+        task._clip_norm = float(getattr(optimization, "clip_norm", 0.0) or 0.0)
+        return task
 
     def _word_start_table(self) -> torch.Tensor:
         """(V,) bool: does this dictionary symbol begin a word?"""
@@ -237,6 +245,10 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         model.train()
         model.set_num_updates(update_num)
         self._begin_step(model)
+        fp32_optimizer = getattr(optimizer, "fp32_optimizer", None)
+        if isinstance(optimizer, FP16Optimizer) and isinstance(fp32_optimizer, AMTAdam):
+            # fairseq's FP16Optimizer clips all roles jointly: let amt_adam clip each role
+            fp32_optimizer.clip_roles_under(optimizer, self._clip_norm)
         with torch.autograd.profiler.record_function("forward"), self.autocast(model, optimizer):
             loss, sample_size, logging_output = criterion(model, sample)
         if ignore_grad:

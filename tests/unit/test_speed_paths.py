@@ -267,3 +267,65 @@ def test_train_mode_and_update_count_reach_every_module_that_needs_them():
     model.set_num_updates(7)
     model.set_num_updates(8)
     assert listener.seen == 8
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16])
+def test_under_fairseqs_fp16_optimizer_each_role_is_still_clipped_on_its_own(precision):
+    # --bf16-weights / --fp16: fairseq's FP16Optimizer asks amt_adam only for the norm, then
+    # multiplies every gradient by one joint clipping factor
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
+    from omegaconf import OmegaConf
+
+    max_norm = 1.0
+    _, model, _ = build()
+    grads = [g.to(precision).float() for g in grads_like(model)]  # exact in both precisions
+    reference = AMTAdam(AMTAdamConfig(lr=[1e-3]), list(model.parameters()))
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    reference.multiply_grads(0.5)
+    reference.clip_grad_norm(max_norm)
+    expected = [p.grad for p in model.parameters()]
+    cfg = OmegaConf.create({
+        "optimizer": {"_name": "amt_adam", "lr": [1e-3]},
+        "common": {"bf16": precision == torch.bfloat16, "fp16_no_flatten_grads": True,
+                   "fp16_scale_window": 128, "fp16_init_scale": 1.0,
+                   "fp16_scale_tolerance": 0.0, "threshold_loss_scale": None,
+                   "min_loss_scale": 1e-4},
+        "optimization": {"update_freq": [1]},
+    })
+    effective = {}
+    for linked in (False, True):
+        _, half, _ = build()
+        half.to(precision)
+        wrapper = FP16Optimizer.build_optimizer(cfg, list(half.parameters()))
+        # a backward through the wrapper whose gradients are exactly `grads`
+        wrapper.backward(sum((p * g.to(precision)).sum() for p, g in zip(half.parameters(),
+                                                                         grads)))
+        if linked:  # what the task does before every update
+            wrapper.fp32_optimizer.clip_roles_under(wrapper, max_norm)
+        wrapper.multiply_grads(0.5)
+        wrapper.clip_grad_norm(max_norm)
+        effective[linked] = [p.grad * wrapper._multiply_factor for p in wrapper.fp32_params]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+               for a, b in zip(effective[True], expected))
+    # without it, the masker's small gradient would have been shrunk with the predictor's
+    roles = [p.param_group for p in model.parameters()]
+    masker = [i for i, r in enumerate(roles) if r == "masker"]
+    assert not all(torch.allclose(effective[False][i], expected[i]) for i in masker)
+
+
+def test_the_task_tells_amt_adam_about_fairseqs_fp16_optimizer():
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
+    from omegaconf import OmegaConf
+
+    task, model, criterion = build(masker_warmup_updates=0)
+    model.to(torch.bfloat16)
+    cfg = OmegaConf.create({
+        "optimizer": {"_name": "amt_adam", "lr": [1e-3]},
+        "common": {"bf16": True, "fp16_no_flatten_grads": True, "fp16_scale_window": 128},
+        "optimization": {"update_freq": [1]},
+    })
+    wrapper = FP16Optimizer.build_optimizer(cfg, list(model.parameters()))
+    task._clip_norm = 0.5  # setup_task reads it from the run's --clip-norm
+    task.train_step(make_sample(task), model, criterion, wrapper, update_num=0)
+    assert wrapper.fp32_optimizer._wrapper == (wrapper, 0.5)
