@@ -104,6 +104,7 @@ class AMTAdam(FairseqOptimizer):
             fused=fused or None, foreach=None if fused else True,
         )
         self.set_lr(lr)
+        self._wrapper = None  # (FP16Optimizer, its max_norm): see clip_roles_under
 
     @property
     def _peak_lr(self) -> float:
@@ -180,9 +181,8 @@ class AMTAdam(FairseqOptimizer):
         if not groups:
             return torch.tensor(0.0)
         total = torch.stack([norm for _, norm in groups]).norm()
-        wrapped = getattr(self, "_wrapper", None)
-        if max_norm == 0 and wrapped is not None:
-            self._clip_each_role_within(groups, total, *wrapped)
+        if max_norm == 0 and self._wrapper is not None:
+            self._clip_each_role_within(groups, total, *self._wrapper)
         return total
 
     @staticmethod
