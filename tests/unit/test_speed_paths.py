@@ -3,6 +3,7 @@ clipping, fused Adam; and one training step reads back to the host only once."""
 
 import collections
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,3 +330,17 @@ def test_the_task_tells_amt_adam_about_fairseqs_fp16_optimizer():
     task._clip_norm = 0.5  # setup_task reads it from the run's --clip-norm
     task.train_step(make_sample(task), model, criterion, wrapper, update_num=0)
     assert wrapper.fp32_optimizer._wrapper == (wrapper, 0.5)
+
+
+def test_the_task_reads_the_runs_clip_norm_from_the_command_line(tmp_path):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    (tmp_path / "dict.txt").write_text("".join(f"w{i} {100 - i}\n" for i in range(20)))
+    plugin = Path(__file__).resolve().parents[2] / "amt_plugin"
+    argv = [str(tmp_path), "--user-dir", str(plugin), "--task",
+            "adversarial_masked_lm", "--arch", "amt_tiny", "--optimizer", "amt_adam",
+            "--lr", "1e-3", "--cpu", "--clip-norm", "0.25"]
+    parser = options.get_training_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
+    assert tasks.setup_task(cfg.task)._clip_norm == 0.25
