@@ -191,7 +191,7 @@ class AMTAdam(FairseqOptimizer):
         f = wrapper._multiply_factor  # what the wrapper multiplies the gradients by later
         scaled = f * total
         # the joint factor the wrapper applies next (fairseq's fp16_optimizer.py)
-        if getattr(wrapper, "scaler", None) is not None:
+        if wrapper.scaler is not None:  # fp16: a loss scaler; bf16: none
             joint = torch.where(scaled > max_norm, max_norm / scaled, torch.ones_like(scaled))
         else:
             joint = (max_norm / (scaled + 1e-6)).clamp(max=1)

@@ -134,8 +134,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             enable_bf16_weights(cfg)
         task = super().setup_task(cfg, **kwargs)
         # the run's --clip-norm, for clipping per role under FP16Optimizer (see train_step)
-        root = cfg._get_parent() if OmegaConf.is_config(cfg) else None
-        optimization = getattr(root, "optimization", None) if root is not None else None
+        optimization = run_config(cfg, "optimization")
         task._clip_norm = float(getattr(optimization, "clip_norm", 0.0) or 0.0)
         return task
 
@@ -294,13 +293,19 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         optimizer.step()
 
 
+def run_config(task_cfg: AdversarialMaskedLMConfig, section: str):
+    """A section of the whole run's config (`common`, `optimization`, ...) that this task
+    config is part of under fairseq-train / fairseq-hydra-train; None when it stands alone."""
+    root = task_cfg._get_parent() if OmegaConf.is_config(task_cfg) else None
+    return getattr(root, section, None) if root is not None else None
+
+
 def enable_bf16_weights(task_cfg: AdversarialMaskedLMConfig) -> None:
     """--bf16-weights: switch on fairseq's bf16 training in the run's config, before the
     trainer reads it. The trainer then casts model and criterion to bf16 and wraps the
     optimizer in FP16Optimizer, which keeps fp32 master weights and skips loss scaling for
     bf16. fairseq's own --bf16 cannot be used on GPUs: it implies --tpu."""
-    root = task_cfg._get_parent() if OmegaConf.is_config(task_cfg) else None
-    common = getattr(root, "common", None) if root is not None else None
+    common = run_config(task_cfg, "common")
     if common is None:
         raise ValueError("--bf16-weights is a training flag (fairseq-train, "
                          "fairseq-hydra-train): it configures the trainer")
