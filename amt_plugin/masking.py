@@ -4,6 +4,7 @@ Everything here works on a padded batch `tokens (B, T)` and a boolean `candidate
 (True = this position may be masked; never pad, bos, eos or other special symbols).
 
 - `budget`: exactly `k = max(1, round(mask_prob * n))` units per sequence of `n` candidates.
+- `true_positions`: where the mask is, without a host-device sync when its size is known.
 - `word_starts` / `from_word_start`: whole-word mode, where the unit is a word and a chosen word
   masks all of its pieces.
 - `uniform_select`: `k` units uniformly without replacement (fairseq's random masking).
@@ -44,6 +45,20 @@ def budget(n_units: Tensor, mask_prob: float) -> Tensor:
     """
     k = torch.round(n_units.double() * mask_prob).long().clamp(min=1)
     return torch.minimum(k, n_units)
+
+
+def true_positions(flags: Tensor, count: int) -> Tensor:
+    """`flags.nonzero().squeeze(1)` for a 1-D bool tensor whose number of True entries,
+    `count`, the host already knows: the same indices in the same order, without reading
+    anything back from the device (nonzero's output size is a host-device sync). A wrong
+    count fails a device-side assert instead of returning wrong positions."""
+    torch._assert_async(flags.sum() == count,
+                        "true_positions: the host's count of masked positions is wrong")
+    is_true = flags.long()
+    # a permutation: the True entries to slots 0..count-1, the others after them, in order
+    slot = torch.where(flags, is_true.cumsum(0) - 1, count + (1 - is_true).cumsum(0) - 1)
+    order = torch.arange(flags.numel(), device=flags.device)
+    return torch.empty_like(order).scatter_(0, slot, order)[:count]
 
 
 def word_starts(tokens: Tensor, candidates: Tensor, is_word_start: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from amt_plugin.models.amt import AMTModel
 from amt_plugin.tasks.adversarial_masked_lm import (
     AdversarialMaskedLMConfig,
     AdversarialMaskedLMTask,
+    block_budget,
 )
 
 VOCAB = 60
@@ -61,6 +62,8 @@ def make_sample(task, B: int = 8, T: int = TOKENS_PER_SAMPLE, seed: int = 0) -> 
         "net_input": {"src_tokens": tokens, "src_lengths": tokens.ne(d.pad()).sum(1)},
         "nsentences": B,
         "ntokens": int(tokens.ne(d.pad()).sum()),
+        "mask_budget": sum(block_budget(row, task.special_token_ids(), task.cfg.mask_prob)
+                           for row in tokens),
     }
 
 

@@ -42,9 +42,10 @@ other updates the masker runs without an autograd graph; under data parallelism 
 parameters enter the loss as `0 * sum(p)` so every parameter gets a (zero) gradient and DDP
 needs no find_unused_parameters. Either way the optimizer leaves the masker untouched.
 
-Host-device syncs: one per forward/backward, `nonzero` on the final mask (how many positions
-the LM head scores). Everything else stays on the device until the logged sums are read back
-together in `reduce_metrics`.
+Host-device syncs: none in the forward and backward of token-level masking. How many
+positions the LM head scores is the batch's budget, which the task counts on the host
+(`mask_budget`); whole-word masking reads it back with one `nonzero`. Everything else stays
+on the device until the logged sums are read back together in `reduce_metrics`.
 """
 
 
@@ -152,9 +153,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         self._compiled_fns = {}  # see _compiled
 
         d = task.source_dictionary
-        special = list(range(d.nspecial)) + [task.mask_idx]
-        special += [i for i, s in enumerate(d.symbols) if s.startswith("madeupword")]
-        special_ids = torch.tensor(sorted(set(special)), dtype=torch.long)
+        special_ids = torch.tensor(task.special_token_ids(), dtype=torch.long)
         is_special = torch.zeros(len(d), dtype=torch.bool)
         is_special[special_ids] = True
         # Frequency rank of every type (0 = most frequent), from the dictionary's counts.
@@ -303,8 +302,14 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         )
 
         # --- predictor: cross-entropy on the masked positions (fairseq's masked_lm) ---
-        # The step's one read-back to the host: how many positions are masked, and where.
-        flat = mask.flatten().nonzero().squeeze(1)  # (M,) row-major positions over (B, T)
+        # (M,) row-major positions over (B, T). M is the batch's budget, which the task
+        # counted on the host, when every unit is one token; whole words mask a number of
+        # pieces known only on the device, read back by nonzero (a host-device sync).
+        budget_total = sample.get("mask_budget") if starts is None else None
+        if budget_total is not None:
+            flat = masking.true_positions(mask.flatten(), budget_total)
+        else:
+            flat = mask.flatten().nonzero().squeeze(1)
         with record_function("predictor"):
             if isinstance(getattr(model, "encoder", None), PredictorEncoder):
                 logits = model(corrupted, masked_tokens=flat, padded=padded)[0]  # (M, V)

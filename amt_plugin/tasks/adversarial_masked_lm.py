@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from fairseq.data import (
+    BaseWrapperDataset,
     IdDataset,
     NestedDictionaryDataset,
     NumelDataset,
@@ -65,6 +66,30 @@ class EveryBlockSortDataset(SortDataset):
             left_out = np.asarray(indices)[~np.isin(indices, batched)]
             batches = [*batches, left_out.astype(np.int64)]
         return batches
+
+
+class MaskBudgetDataset(BaseWrapperDataset):
+    """How many tokens the criterion masks in each block, counted on the host: the budget
+    k = max(1, round(mask_prob * n)) of its n maskable tokens (`masking.budget`). A batch
+    collates to the sum, a Python int, so the criterion knows how many positions its LM head
+    scores without reading the mask back from the GPU (see `masking.true_positions`)."""
+
+    def __init__(self, dataset, special_ids: list[int], mask_prob: float) -> None:
+        super().__init__(dataset)
+        self.special_ids = np.asarray(special_ids)
+        self.mask_prob = mask_prob
+
+    def __getitem__(self, index: int) -> int:
+        return block_budget(self.dataset[index], self.special_ids, self.mask_prob)
+
+    def collater(self, samples: list[int]) -> int:
+        return int(sum(samples))
+
+
+def block_budget(tokens, special_ids, mask_prob: float) -> int:
+    """`masking.budget` of one block (1-D ids, padding allowed), on the host."""
+    n = int(np.count_nonzero(~np.isin(np.asarray(tokens), special_ids)))
+    return min(max(1, round(n * mask_prob)), n)  # round: half-to-even, as torch.round
 
 
 @dataclass
@@ -137,6 +162,14 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         optimization = run_config(cfg, "optimization")
         task._clip_norm = float(getattr(optimization, "clip_norm", 0.0) or 0.0)
         return task
+
+    def special_token_ids(self) -> list[int]:
+        """Symbols that are never masked: fairseq's specials (bos, pad, eos, unk), <mask>,
+        and the madeupword fillers that pad the dictionary."""
+        d = self.dictionary
+        ids = set(range(d.nspecial)) | {self.mask_idx}
+        ids |= {i for i, s in enumerate(d.symbols) if s.startswith("madeupword")}
+        return sorted(ids)
 
     def _word_start_table(self) -> torch.Tensor:
         """(V,) bool: does this dictionary symbol begin a word?"""
@@ -216,6 +249,8 @@ class AdversarialMaskedLMTask(MaskedLMTask):
                 },
                 "nsentences": NumSamplesDataset(),
                 "ntokens": NumelDataset(src, reduce=True),
+                "mask_budget": MaskBudgetDataset(src, self.special_token_ids(),
+                                                 self.cfg.mask_prob),
             },
             sizes=[src.sizes],
         )

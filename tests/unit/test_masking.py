@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from amt_plugin import masking
+from amt_plugin.tasks.adversarial_masked_lm import block_budget
 
 PAD, BOS, EOS, MASK = 1, 0, 2, 99
 SPECIALS = torch.tensor([BOS, PAD, EOS, 3, MASK])
@@ -49,6 +50,17 @@ def test_budget_rounds_like_python_and_has_floor_one():
     n = torch.tensor([0, 1, 3, 10, 13, 100])
     assert masking.budget(n, 0.15).tolist() == [0, 1, 1, 2, 2, 15]  # round(1.95)=2, 0.45->1
     assert masking.budget(torch.tensor([10]), 0.25).tolist() == [round(2.5)]  # half to even
+
+
+@pytest.mark.parametrize("mask_prob", [0.15, 0.25, 0.5, 1.0])
+def test_the_tasks_host_budget_is_the_criterions(mask_prob):
+    # the task counts each block's budget on the host (the criterion's number of masked
+    # positions, without a sync); it must agree with masking.budget on the device exactly,
+    # ties of round() included (n = 10 at 0.25, n = 30 at 0.15)
+    tokens = batch(B=256, T=60, seed=7)  # 1 to 58 candidates per row
+    k = masking.budget(masking.candidate_mask(tokens, SPECIALS).sum(1), mask_prob)
+    host = [block_budget(row.numpy(), SPECIALS.numpy(), mask_prob) for row in tokens]
+    assert host == k.tolist()
 
 
 def test_whole_words_are_masked_whole_and_budget_counts_words():

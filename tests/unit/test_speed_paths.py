@@ -11,6 +11,7 @@ from fairseq import utils
 from fairseq.models.roberta.model import RobertaEncoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from amt_plugin import masking
 from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
 from tests.conftest import build, make_sample
 
@@ -142,12 +143,17 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("strategy,whole_words",
-                         [("learned", False), ("learned", True), ("random", False)])
-def test_a_training_step_reads_back_to_the_host_once(strategy, whole_words):
-    # forward (masker, choice, predictor, both losses) and backward of one micro-batch; the
-    # one read-back is the number of masked positions (fairseq's own masked_lm needs a sync
-    # per layer and two for the LM head, plus one more in the backward)
+@pytest.mark.parametrize("strategy,whole_words,syncs", [
+    ("learned", False, {}), ("random", False, {}), ("frequency", False, {}),
+    ("learned", True, {"nonzero": 1}),
+])
+def test_a_training_step_reads_nothing_back_when_the_budget_is_known(strategy, whole_words,
+                                                                     syncs):
+    # forward (masker, choice, predictor, both losses) and backward of one micro-batch. The
+    # number of masked positions comes from the batch (the task counts it on the host), so
+    # token-level masking makes no sync at all; whole words mask a number of pieces that
+    # only the device knows (one nonzero). fairseq's own masked_lm needs a sync per layer
+    # and two for the LM head, plus one more in the backward.
     task, model, criterion = build(strategy=strategy, whole_words=whole_words,
                                    masker_warmup_updates=0)
     model.train()
@@ -157,7 +163,37 @@ def test_a_training_step_reads_back_to_the_host_once(strategy, whole_words):
     with counter:
         loss, _, _ = criterion(model, sample)
         loss.backward()
-    assert dict(counter.syncs) == {"nonzero": 1}
+    assert dict(counter.syncs) == syncs
+
+
+@pytest.mark.parametrize("strategy", ["learned", "random", "frequency"])
+def test_a_known_budget_finds_the_same_positions_as_nonzero(strategy):
+    task, model, criterion = build(strategy=strategy, masker_warmup_updates=0)
+    model.train()
+    sample = make_sample(task)
+    without = {k: v for k, v in sample.items() if k != "mask_budget"}
+    results = []
+    for s in (sample, without):
+        criterion.set_num_updates(1)
+        criterion._calls_this_update = 0  # the same masks for both
+        counter = SyncCounter()
+        with counter:
+            loss, sample_size, _ = criterion(model, s)
+        results.append((loss.item(), sample_size, dict(counter.syncs)))
+    (known, n_known, syncs_known), (read, n_read, syncs_read) = results
+    assert n_known == n_read == sample["mask_budget"]
+    assert known == read
+    assert syncs_known == {} and syncs_read == {"nonzero": 1}
+
+
+def test_true_positions_is_nonzero_without_the_read_back():
+    g = torch.Generator().manual_seed(0)
+    for p in (0.0, 0.15, 0.5, 1.0):
+        flags = torch.rand(97, generator=g) < p
+        expected = flags.nonzero().squeeze(1)
+        assert torch.equal(masking.true_positions(flags, int(flags.sum())), expected)
+    with pytest.raises(RuntimeError, match="count of masked positions"):
+        masking.true_positions(flags, int(flags.sum()) + 1)
 
 
 def test_logging_outputs_are_reduced_without_reading_values_one_by_one():
