@@ -17,6 +17,17 @@ fairseq's Adam (AdamW-style decoupled weight decay, same flags) with:
   joint clipping factor; the task tells this optimizer about its wrapper (`clip_roles_under`),
   and the norm request then also scales each role by its own factor over the joint one.
 
+The gradient norm is read one update late on GPUs (unless --sync-grad-norm): fairseq's
+trainer checks it for NaN/inf on the host before each step, and that read waits for the
+whole backward, so the CPU could never queue the next update while the GPU works. Instead
+the norm is copied to the host without waiting and read at the next update; the trainer
+checks and logs the previous update's norm (the first update's is read at once, and logged
+again at the second), and an
+update with a non-finite norm is skipped on the GPU (the fused kernel's found_inf, as torch's
+GradScaler does: no weight, moment or step count moves) and stops the run one update later
+with fairseq's "gradients are Nan/Inf". Only where this optimizer is the trainer's own (bf16
+autocast, fp32): fairseq's fp16/amp wrappers read the norm themselves.
+
 Host overhead matters at small shapes on GPUs, where every kernel launch is issued by the
 CPU: the Adam update uses torch's fused kernel (one launch per group and dtype; torch's
 foreach kernels where fused is unsupported, `--no-fused-adam` to force them), and the
@@ -27,6 +38,8 @@ see configs/.
 """
 
 
+import logging
+import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,6 +47,8 @@ from typing import Optional
 import torch
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from fairseq.optim.adam import FairseqAdamConfig
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("predictor", "masker")
 
@@ -50,7 +65,10 @@ class GroupSteppingAdamW(torch.optim.AdamW):
                 if group["name"] not in groups:
                     for p in group["params"]:
                         p.grad = None  # AdamW skips it: no update, no moment update
-        return super().step(closure)
+        try:
+            return super().step(closure)
+        finally:
+            self.found_inf = None  # set by AMTAdam for one step (see _read_late)
 
 
 @dataclass
@@ -66,6 +84,14 @@ class AMTAdamConfig(FairseqAdamConfig):
     no_fused_adam: bool = field(
         default=False,
         metadata={"help": "use torch's foreach AdamW kernels instead of the fused one"},
+    )
+    sync_grad_norm: bool = field(
+        default=False,
+        metadata={"help": "read each update's gradient norm before its step, as fairseq does "
+                  "(a host-device sync per update that drains the GPU's queue). By default "
+                  "on GPUs it is read one update late: the logged gnorm is the previous "
+                  "update's, and NaN/inf gradients skip their step on the GPU and stop the "
+                  "run one update later"},
     )
 
 
@@ -105,6 +131,10 @@ class AMTAdam(FairseqOptimizer):
         )
         self.set_lr(lr)
         self._wrapper = None  # (FP16Optimizer, its max_norm): see clip_roles_under
+        # Set by the task each update: this optimizer is the trainer's own, on a GPU, fused
+        # (found_inf), and --sync-grad-norm is off. See _read_late.
+        self.norm_read_late = False
+        self._pending_norm = None  # (host copy, its CUDA event or None) of the last norm
 
     @property
     def _peak_lr(self) -> float:
@@ -183,7 +213,30 @@ class AMTAdam(FairseqOptimizer):
         total = torch.stack([norm for _, norm in groups]).norm()
         if max_norm == 0 and self._wrapper is not None:
             self._clip_each_role_within(groups, total, *self._wrapper)
+        elif self.norm_read_late and self._wrapper is None:
+            return self._read_late(total)
         return total
+
+    def _read_late(self, total: torch.Tensor) -> torch.Tensor:
+        """The previous update's norm, on the host; this update's starts its copy there.
+
+        The trainer reads the returned norm at once (its NaN check); reading this update's
+        would wait for the GPU to finish the backward. The previous one has long arrived. A
+        non-finite norm makes the fused AdamW kernel skip this step on the device."""
+        self._optimizer.found_inf = (~total.isfinite()).float()
+        host = total.detach().to("cpu", non_blocking=True, copy=True)
+        ready = None
+        if total.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        previous, self._pending_norm = self._pending_norm, (host, ready)
+        host, ready = previous or self._pending_norm  # the first update: its own
+        if ready is not None:
+            ready.synchronize()
+        if not math.isfinite(host.item()):
+            logger.error("the previous update's gradients were NaN/inf (norm read one update "
+                         "late): its step was skipped; see --sync-grad-norm")
+        return host
 
     @staticmethod
     @torch.no_grad()

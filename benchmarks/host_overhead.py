@@ -11,8 +11,12 @@ worth counting, and they can be counted exactly on a CPU: this script runs the r
 `Trainer.train_step` (forward, backward, clipping, optimizer step, logging), and classifies
 the ops that would force a sync on a GPU. Reported per update, median over the updates after
 the first two. Not counted, because a CPU run cannot see them: device-to-host copies
-(`.cpu()`, `.tolist()`; AMT makes one per update, for the logged sums) and reads of the
-optimizer's step counters, which torch keeps on the host. The aten call counts are CPU ones:
+(`.cpu()`, `.tolist()`) and reads of the optimizer's step counters, which torch keeps on the
+host. Counted although they are no syncs for AMT on a GPU: the trainer's two reads of the
+gradient norm (`_local_scalar_dense`), which there read the host copy of the previous
+update's norm (see amt_plugin/optimizer.py; on a CPU the norm is read in its own update).
+On a GPU, tests/unit/test_devices.py runs fairseq-train updates under torch's sync debug
+mode to check that none drains the GPU's queue. The aten call counts are CPU ones:
 on a GPU, stock fairseq --fp16 steps one flattened parameter instead of each one.
 
 Then the host time itself: each run again at the architecture's depth but 16 wide, timing

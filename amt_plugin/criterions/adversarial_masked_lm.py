@@ -238,7 +238,10 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             # every masker parameter in the graph with a zero gradient (see module docstring);
             # without data parallelism the optimizer simply skips parameters without one
             loss = loss + 0.0 * sum(p.sum() for p in masker.parameters())
-        return loss, outcome.sample_size, outcome.logging_output
+        logging_output = outcome.logging_output
+        if model.training and not _ddp():  # (fairseq sums the logs across ranks itself)
+            logging_output = start_host_copy(logging_output)
+        return loss, outcome.sample_size, logging_output
 
     def play(self, model, sample) -> "Outcome":
         """One round of the game on a batch: choose, corrupt, predict, score both players."""
@@ -489,12 +492,39 @@ def _ddp() -> bool:
     return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+def start_host_copy(logging_output: dict) -> dict:
+    """Start copying the logged device tensors to the host, right after the forward that
+    made them, without waiting (a CUDA event marks their arrival). fairseq reads the logs
+    after the optimizer step; a read then would wait for the GPU to finish the whole update,
+    so the CPU could not queue the next one meanwhile. This one waits for the forward only.
+    The copy goes under "_host_copy" (keys, host values, event), which `sum_logs` reads; the
+    device tensors stay for anyone else."""
+    keys = [k for k, v in logging_output.items() if torch.is_tensor(v)]
+    if not keys or not logging_output[keys[0]].is_cuda:
+        return logging_output
+    stacked = torch.stack([logging_output[k].detach().to(torch.float64).reshape(())
+                           for k in keys])
+    ready = torch.cuda.Event()
+    host = stacked.to("cpu", non_blocking=True)
+    ready.record()
+    return {**logging_output, "_host_copy": (keys, host, ready)}
+
+
 def sum_logs(logging_outputs) -> dict[str, float]:
     """Sum every key over the logging outputs, reading device tensors back in one transfer
-    (one host-device sync per update instead of one per key)."""
+    (one host-device sync per update instead of one per key), or from the copies that
+    `start_host_copy` began."""
     sums = {}
     for log in logging_outputs:
+        copy = log.get("_host_copy")
+        if copy is not None:
+            keys, host, ready = copy
+            if ready is not None:
+                ready.synchronize()
+            log = {**log, **dict(zip(keys, host.tolist()))}
         for key, value in log.items():
+            if key.startswith("_"):
+                continue
             sums[key] = sums[key] + value if key in sums else value
     tensors = [k for k, v in sums.items() if torch.is_tensor(v)]
     if tensors:

@@ -283,6 +283,11 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         if isinstance(optimizer, FP16Optimizer) and isinstance(fp32_optimizer, AMTAdam):
             # fairseq's FP16Optimizer clips all roles jointly: let amt_adam clip each role
             fp32_optimizer.clip_roles_under(optimizer, self._clip_norm)
+        elif isinstance(optimizer, AMTAdam):  # the trainer's own optimizer: no fp16/amp wrapper
+            # on a GPU, read the gradient norm one update late (see amt_plugin.optimizer)
+            synced = getattr(optimizer.cfg, "sync_grad_norm", False)
+            optimizer.norm_read_late = (optimizer.fused and not synced
+                                        and next(model.parameters()).is_cuda)
         with torch.autograd.profiler.record_function("forward"), self.autocast(model, optimizer):
             loss, sample_size, logging_output = criterion(model, sample)
         if ignore_grad:

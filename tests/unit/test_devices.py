@@ -152,3 +152,52 @@ def test_compiled_variants_stay_under_torchs_recompile_limit(device):
     for fn in (masker_draw, masker_objective, TransformerEncoderLayerBase.forward):
         variants = len(_debug_get_cache_entry_list(fn.__code__))
         assert 0 < variants <= limit // 2, (fn.__qualname__, variants)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs need a GPU")
+@pytest.mark.parametrize("strategy", ["learned", "random"])
+def test_fairseq_train_updates_never_drain_the_gpus_queue(strategy, tmp_path):
+    # Real fairseq-train updates with torch's sync debug mode set to "error" from the third
+    # update on: any read that waits for the GPU to finish its queue (.item(), nonzero, a
+    # blocking copy) raises. What is left is waiting on events: the logs after the forward,
+    # the previous update's gradient norm. Token-level masking, bf16 autocast, amt_adam.
+    import sys
+    from pathlib import Path
+
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+    from fairseq_cli.train import main as train_main
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from zipf_corpus import make_corpus
+
+    data = make_corpus(tmp_path, 500, 400, 20, (10, 60))
+    argv = [str(data), "--user-dir", str(root / "amt_plugin"),
+            "--task", "adversarial_masked_lm", "--criterion", "adversarial_masked_lm",
+            "--arch", "amt_tiny", "--optimizer", "amt_adam", "--lr", "1e-4",
+            "--masking-strategy", strategy, "--masker-warmup-updates", "0",
+            "--bf16-autocast", "--clip-norm", "1.0", "--tokens-per-sample", "64",
+            "--batch-size", "8", "--max-update", "8", "--no-save", "--disable-validation",
+            "--num-workers", "0", "--log-format", "simple", "--log-interval", "4",
+            "--seed", "1"]
+    cfg = convert_namespace_to_omegaconf(
+        options.parse_args_and_arch(options.get_training_parser(), argv))
+    original, updates = Trainer.train_step, []
+
+    def watched(self, samples, *args, **kwargs):
+        updates.append(len(updates))
+        mode = "error" if len(updates) > 2 else "default"
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            return original(self, samples, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    Trainer.train_step = watched
+    try:
+        train_main(cfg)
+    finally:
+        Trainer.train_step = original
+    assert len(updates) == 8

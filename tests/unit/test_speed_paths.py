@@ -3,6 +3,7 @@ clipping, fused Adam; and one training step reads back to the host only once."""
 
 import collections
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from fairseq.models.roberta.model import RobertaEncoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from amt_plugin import masking
+from amt_plugin import optimizer as amt_optimizer
+from amt_plugin.criterions.adversarial_masked_lm import sum_logs
 from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
 from tests.conftest import build, make_sample
 
@@ -380,3 +383,89 @@ def test_the_task_reads_the_runs_clip_norm_from_the_command_line(tmp_path):
     parser = options.get_training_parser()
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
     assert tasks.setup_task(cfg.task)._clip_norm == 0.25
+
+
+def test_the_gradient_norm_read_late_is_the_previous_updates_and_a_nan_step_is_skipped(
+        monkeypatch):
+    # What the trainer gets from clip_grad_norm when the norm is read one update late (on
+    # GPUs, by default); the same on a CPU, where fused AdamW takes found_inf too
+    task, model, criterion = build(masker_warmup_updates=0)
+    optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3]), list(model.parameters()))
+    assert optimizer.fused
+
+    def backward(update: int) -> None:
+        optimizer.zero_grad()
+        task.train_step(make_sample(task, seed=update), model, criterion, optimizer,
+                        update_num=update)
+        optimizer.norm_read_late = True  # (the task switches it off on a CPU)
+
+    reported, actual = [], []
+    for update in range(3):
+        backward(update)
+        optimizer.norm_read_late = False
+        actual.append(optimizer.clip_grad_norm(0.0).item())  # measures only
+        optimizer.norm_read_late = True
+        norm = optimizer.clip_grad_norm(1.0)
+        assert norm.device.type == "cpu"  # the trainer's checks read no device value
+        reported.append(norm.item())
+        task.optimizer_step(optimizer, model, update_num=update)
+    # the first update reports its own norm (nothing older), then each the previous one's
+    assert reported == pytest.approx([actual[0], actual[0], actual[1]])
+
+    # a non-finite gradient: this update's step is skipped on the device (weights, moments,
+    # step counts), and the trainer sees the NaN at the next update
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(optimizer._optimizer.state_dict()["state"])
+    backward(3)
+    params[0].grad[0].fill_(float("nan"))
+    assert math.isfinite(optimizer.clip_grad_norm(1.0).item())  # update 2's
+    task.optimizer_step(optimizer, model, update_num=3)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    after = optimizer._optimizer.state_dict()["state"]
+    assert all(torch.equal(after[i][k], state[i][k]) for i in state for k in state[i])
+    backward(4)
+    errors = []
+    monkeypatch.setattr(amt_optimizer.logger, "error", lambda msg, *a: errors.append(msg))
+    assert not torch.isfinite(optimizer.clip_grad_norm(1.0))  # fairseq raises on it
+    assert any("step was skipped" in e for e in errors)
+    assert optimizer._optimizer.found_inf is not None  # and consumed by the next step only
+    task.optimizer_step(optimizer, model, update_num=4)
+    assert optimizer._optimizer.found_inf is None
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_the_task_reads_the_norm_late_only_on_gpus_and_not_under_sync_grad_norm():
+    task, model, criterion = build()
+    for sync in (False, True):
+        optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3], sync_grad_norm=sync),
+                            list(model.parameters()))
+        optimizer.norm_read_late = True
+        task.train_step(make_sample(task), model, criterion, optimizer, update_num=0)
+        assert optimizer.norm_read_late is False  # a CPU: nothing to overlap
+    if torch.cuda.is_available():
+        model, criterion = model.cuda(), criterion.cuda()
+        sample = utils.move_to_cuda(make_sample(task))
+        for sync in (False, True):
+            optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3], sync_grad_norm=sync),
+                                list(model.parameters()))
+            task.train_step(sample, model, criterion, optimizer, update_num=0)
+            assert optimizer.norm_read_late is (not sync)
+
+
+def test_logged_sums_read_from_a_host_copy_equal_the_device_values():
+    # start_host_copy (a CUDA-only copy begun after the forward) hands sum_logs the values
+    # under "_host_copy"; here the copy is built by hand on the CPU, without an event
+    task, model, criterion = build(masker_warmup_updates=0)
+    model.train()
+    criterion.groups_to_step(1)
+    logs = [criterion(model, make_sample(task, seed=s))[2] for s in (0, 1)]
+    assert "_host_copy" not in logs[0]  # CPU: nothing to gain from an early copy
+    direct = sum_logs(logs)
+    copied = []
+    for log in logs:
+        keys = [k for k, v in log.items() if torch.is_tensor(v)]
+        host = torch.stack([log[k].double().reshape(()) for k in keys])
+        poisoned = {k: (torch.tensor(float("nan")) if k in keys else v) for k, v in log.items()}
+        copied.append({**poisoned, "_host_copy": (keys, host, None)})
+    assert sum_logs(copied) == pytest.approx(direct)
