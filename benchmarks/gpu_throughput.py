@@ -10,6 +10,8 @@ vocabulary, made here), one after another in this script, so ratios compare like
 Per shape (base = RoBERTa-base, small = amt_small's 12 x 256):
 
   stock masked_lm --fp16 (the baseline) | AMT --fp16 | AMT bf16 (--bf16-autocast)
+  | AMT bf16 with --sync-grad-norm (the host waits for each update's backward, as in
+  fairseq; by default the norm is read one update late)
   | AMT --bf16-weights (bf16 weights and activations) | each of the two bf16 with
   --torch-compile, and with --torch-compile-mode reduce-overhead (CUDA graphs)
   | AMT bf16 with --masking-strategy random (the same run without the masker's work)
@@ -131,17 +133,17 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
 
 
 # Row kinds, in the order the table shows them; PRIORITY is the order they run in.
-KINDS = ("baseline", "fp16", "bf16", "bf16w", "compiled", "bf16w_compiled", "cudagraphs",
+KINDS = ("baseline", "fp16", "bf16", "synced", "bf16w", "compiled", "bf16w_compiled", "cudagraphs",
          "bf16w_cudagraphs", "random")
 # The stock rows first (every ratio needs them), then per shape the candidate most likely to
 # reach its target (base: compute-bound, so fused kernels on bf16 weights; small: bound by
 # kernel launches, so CUDA graphs), then the default configs' bf16, then the other variants.
 PRIORITY = [("base", "baseline"), ("small", "baseline"),
             ("base", "bf16w_compiled"), ("small", "bf16w_cudagraphs"),
-            ("base", "bf16"), ("small", "bf16"),
+            ("base", "bf16"), ("small", "bf16"), ("small", "synced"),
             ("base", "bf16w"), ("small", "bf16w"), ("small", "cudagraphs"),
             ("base", "compiled"), ("small", "compiled"), ("small", "bf16w_compiled"),
-            ("base", "cudagraphs"), ("base", "bf16w_cudagraphs"),
+            ("base", "cudagraphs"), ("base", "bf16w_cudagraphs"), ("base", "synced"),
             ("base", "random"), ("small", "random"), ("small", "profile"),
             ("base", "profile"), ("base", "fp16"), ("small", "fp16"), "numerics"]
 
@@ -164,6 +166,8 @@ def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str
                  [*amt, "--arch", arch, *half, *(["--fp16-no-flatten-grads"] if half else [])],
                  True),
         "bf16": (f"AMT {arch} bf16", bf16, True),
+        "synced": (f"AMT {arch} bf16, gradient norm read in its own update (fairseq's sync)",
+                   [*bf16, "--sync-grad-norm"], True),
         "bf16w": (f"AMT {arch} bf16 weights", bf16w, True),
         "compiled": (f"AMT {arch} bf16 compiled", [*bf16, "--torch-compile"], True),
         "bf16w_compiled": (f"AMT {arch} bf16 weights compiled",

@@ -21,9 +21,10 @@ def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     lines = proc.stdout.splitlines()
     table = lines[lines.index("| run | tokens/s | ratio to stock (same shape) | "
                               "peak memory (GiB) | MFU (of 989 TFLOP/s) | of 790 TFLOP/s |"):]
-    rows = [line for line in table[2:] if line.startswith("| ")][:9]
+    rows = [line for line in table[2:] if line.startswith("| ")][:10]
     assert [r.split(" | ")[0] for r in rows] == [
         "| stock masked_lm tiny fp32", "| AMT amt_tiny fp32", "| AMT amt_tiny bf16",
+        "| AMT amt_tiny bf16, gradient norm read in its own update (fairseq's sync)",
         "| AMT amt_tiny bf16 weights", "| AMT amt_tiny bf16 compiled",
         "| AMT amt_tiny bf16 weights compiled", "| AMT amt_tiny bf16 compiled, CUDA graphs",
         "| AMT amt_tiny bf16 weights compiled, CUDA graphs",
@@ -49,10 +50,10 @@ def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
                           text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     results = json.loads((tmp_path / "r.json").read_text())
-    assert len(results["throughput"]) == 9
+    assert len(results["throughput"]) == 10
     assert all(r["error"].startswith("skipped") for r in results["throughput"])
     assert all("skipped" in n["error"] for n in results["numerics"].values())
-    assert proc.stdout.count("| skipped: no time left in --time-budget | | | | |") == 9
+    assert proc.stdout.count("| skipped: no time left in --time-budget | | | | |") == 10
 
 
 def test_host_overhead_script_counts_fewer_syncs_for_amt_than_stock():
