@@ -152,6 +152,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         self._clip_norm = 0.0  # the run's --clip-norm, read by setup_task
         self.is_word_start = self._word_start_table() if cfg.mask_whole_words else None
         self.groups_to_step: set[str] | None = None  # set by train_step, used by optimizer_step
+        self._roles = None  # (model, its parameter groups): see _roles_of
 
     @classmethod
     def setup_task(cls, cfg: AdversarialMaskedLMConfig, **kwargs):
@@ -306,11 +307,17 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         with torch.no_grad(), self.autocast(model), eager:
             return criterion(model, sample)
 
+    def _roles_of(self, model) -> set:
+        """The parameter groups ("predictor", "masker") of the model's parameters; found once
+        per model (walking the module tree for them every update costs host time)."""
+        if self._roles is None or self._roles[0] is not model:
+            self._roles = (model, {getattr(p, "param_group", None) for p in model.parameters()})
+        return self._roles[1]
+
     def optimizer_step(self, optimizer, model, update_num) -> None:
         """Step the parameter groups chosen for this update; the others do not move at all."""
         groups = self.groups_to_step
-        params = list(model.parameters())
-        if groups is None or {getattr(p, "param_group", None) for p in params} <= groups:
+        if groups is None or self._roles_of(model) <= groups:
             optimizer.step()
             return
         # AMPOptimizer.step() takes no `groups` (fairseq's amp_optimizer.py) although it
@@ -327,7 +334,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             )
         # These optimizers work on the model's own parameters, and torch optimizers skip a
         # parameter without a gradient (no update, no moment update): drop the frozen ones.
-        for p in params:
+        for p in model.parameters():
             if getattr(p, "param_group", None) not in groups:
                 p.grad = None
         optimizer.step()
