@@ -20,13 +20,13 @@ fairseq's Adam (AdamW-style decoupled weight decay, same flags) with:
 The gradient norm is read one update late on GPUs (unless --sync-grad-norm): fairseq's
 trainer checks it for NaN/inf on the host before each step, and that read waits for the
 whole backward, so the CPU could never queue the next update while the GPU works. Instead
-the norm is copied to the host without waiting and read at the next update; the trainer
+the norm is copied to the host without waiting and read at the next update. The trainer
 checks and logs the previous update's norm (the first update's is read at once, and logged
-again at the second), and an
-update with a non-finite norm is skipped on the GPU (the fused kernel's found_inf, as torch's
-GradScaler does: no weight, moment or step count moves) and stops the run one update later
-with fairseq's "gradients are Nan/Inf". Only where this optimizer is the trainer's own (bf16
-autocast, fp32): fairseq's fp16/amp wrappers read the norm themselves.
+again at the second). An update with a non-finite norm is skipped on the GPU (the fused
+kernel's found_inf, as torch's GradScaler does: no weight, moment or step count moves) and
+stops the run one update later with fairseq's "gradients are Nan/Inf". Only where this
+optimizer is the trainer's own (bf16 autocast, fp32): fairseq's fp16/amp wrappers read the
+norm themselves.
 
 Host overhead matters at small shapes on GPUs, where every kernel launch is issued by the
 CPU: the Adam update uses torch's fused kernel (one launch per group and dtype; torch's
