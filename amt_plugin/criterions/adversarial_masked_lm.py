@@ -502,10 +502,8 @@ def start_host_copy(logging_output: dict) -> dict:
     keys = [k for k, v in logging_output.items() if torch.is_tensor(v)]
     if not keys or not logging_output[keys[0]].is_cuda:
         return logging_output
-    stacked = torch.stack([logging_output[k].detach().to(torch.float64).reshape(())
-                           for k in keys])
     ready = torch.cuda.Event()
-    host = stacked.to("cpu", non_blocking=True)
+    host = stack_scalars([logging_output[k] for k in keys]).to("cpu", non_blocking=True)
     ready.record()
     return {**logging_output, "_host_copy": (keys, host, ready)}
 
@@ -528,11 +526,15 @@ def sum_logs(logging_outputs) -> dict[str, float]:
             sums[key] = sums[key] + value if key in sums else value
     tensors = [k for k, v in sums.items() if torch.is_tensor(v)]
     if tensors:
-        device = sums[tensors[0]].device
-        values = torch.stack([sums[k].detach().to(device, torch.float64).reshape(())
-                              for k in tensors]).tolist()
-        sums.update(zip(tensors, values))
+        sums.update(zip(tensors, stack_scalars([sums[k] for k in tensors]).tolist()))
     return {k: float(v) for k, v in sums.items()}
+
+
+def stack_scalars(values: list[Tensor]) -> Tensor:
+    """One float64 tensor of the scalar tensors `values`, on the first one's device: what is
+    moved to the host in one transfer (float64 keeps counts exact up to 2**53)."""
+    device = values[0].device
+    return torch.stack([v.detach().to(device, torch.float64).reshape(()) for v in values])
 
 
 _collapse = {"threshold": 1.0, "calls": 0, "warned_at": None}  # threshold set from the config

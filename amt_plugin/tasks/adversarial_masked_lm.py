@@ -37,6 +37,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 from omegaconf import OmegaConf, open_dict
 
+from .. import masking
 from ..optimizer import AMTAdam
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class MaskBudgetDataset(BaseWrapperDataset):
 
     def __init__(self, dataset, special_ids: list[int], mask_prob: float) -> None:
         super().__init__(dataset)
-        self.special_ids = np.asarray(special_ids)
+        self.special_ids = torch.tensor(special_ids)
         self.mask_prob = mask_prob
 
     def __getitem__(self, index: int) -> int:
@@ -88,8 +89,8 @@ class MaskBudgetDataset(BaseWrapperDataset):
 
 def block_budget(tokens, special_ids, mask_prob: float) -> int:
     """`masking.budget` of one block (1-D ids, padding allowed), on the host."""
-    n = int(np.count_nonzero(~np.isin(np.asarray(tokens), special_ids)))
-    return min(max(1, round(n * mask_prob)), n)  # round: half-to-even, as torch.round
+    n = masking.candidate_mask(torch.as_tensor(tokens), torch.as_tensor(special_ids)).sum()
+    return int(masking.budget(n.reshape(1), mask_prob))
 
 
 @dataclass
