@@ -4,8 +4,8 @@ The dataset yields the *unmasked* token blocks (with <s> prepended, padded on th
 which positions get masked is decided per batch by the criterion, where the masker lives.
 The task also owns the alternation's last step: `optimizer_step` steps only the parameter
 groups the criterion asked for in this update (the wav2vec-U pattern); and the step's
-precision and compilation: bf16 autocast around the forward (`--bf16-autocast`), fairseq's
-bf16 training switched on without its --tpu (`--bf16-weights`), torch.compile of the blocks
+precision and compilation: bf16 autocast around the forward (`--bf16-autocast`), a bf16
+model stepped through amt_adam's fp32 master weights (`--bf16-weights`), torch.compile of the blocks
 (`--torch-compile`, `--torch-compile-mode`, with the step marks CUDA graphs need).
 """
 
@@ -35,7 +35,7 @@ from fairseq.optim.fp16_optimizer import (
 )
 from fairseq.tasks import register_task
 from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from .. import masking
 from ..optimizer import AMTAdam
@@ -110,11 +110,11 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
     )
     bf16_weights: bool = field(
         default=False,
-        metadata={"help": "bf16 weights and activations, fp32 master weights and Adam state "
-                  "in the optimizer, no loss scaling: fairseq's --bf16 without the --tpu it "
-                  "implies. Moves half the bytes of --bf16-autocast, whose residual stream "
-                  "stays fp32. Checkpoints hold the bf16 weights (as fp32 tensors), and a "
-                  "resumed run restarts its master weights from them"},
+        metadata={"help": "bf16 weights and activations, with fp32 master weights and Adam "
+                  "state in --optimizer amt_adam (which this needs), no loss scaling. Moves "
+                  "half the bytes of --bf16-autocast, whose residual stream stays fp32, and "
+                  "has no casts. The checkpoint's model holds the bf16 weights; its optimizer "
+                  "state holds the fp32 master weights, which a resumed run continues from"},
     )
     torch_compile: bool = field(
         default=False,
@@ -158,7 +158,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
     @classmethod
     def setup_task(cls, cfg: AdversarialMaskedLMConfig, **kwargs):
         if cfg.bf16_weights and not kwargs.get("from_checkpoint"):
-            enable_bf16_weights(cfg)
+            check_bf16_weights(cfg)
         task = super().setup_task(cfg, **kwargs)
         # the run's --clip-norm, for clipping per role under FP16Optimizer (see train_step)
         optimization = run_config(cfg, "optimization")
@@ -201,6 +201,10 @@ class AdversarialMaskedLMTask(MaskedLMTask):
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.bf16_weights and not from_checkpoint:
+            # amt_adam keeps the fp32 master weights (see amt_plugin/optimizer.py); tools
+            # that load a checkpoint to evaluate or fine-tune it keep their own precision
+            model = model.to(torch.bfloat16)
         if self.cfg.torch_compile_mode != "default" and not self.cfg.torch_compile:
             raise ValueError(f"--torch-compile-mode {self.cfg.torch_compile_mode} needs "
                              "--torch-compile as well")
@@ -348,24 +352,26 @@ def run_config(task_cfg: AdversarialMaskedLMConfig, section: str):
     return getattr(root, section, None) if root is not None else None
 
 
-def enable_bf16_weights(task_cfg: AdversarialMaskedLMConfig) -> None:
-    """--bf16-weights: switch on fairseq's bf16 training in the run's config, before the
-    trainer reads it. The trainer then casts model and criterion to bf16 and wraps the
-    optimizer in FP16Optimizer, which keeps fp32 master weights and skips loss scaling for
-    bf16. fairseq's own --bf16 cannot be used on GPUs: it implies --tpu."""
+def check_bf16_weights(task_cfg: AdversarialMaskedLMConfig) -> None:
+    """--bf16-weights: a training flag, the run's only precision flag, with amt_adam (which
+    keeps the fp32 master weights of the bf16 model build_model makes), on a bf16 GPU.
+    fairseq's own bf16 training (--bf16) cannot be used on GPUs: it implies --tpu."""
     common = run_config(task_cfg, "common")
     if common is None:
         raise ValueError("--bf16-weights is a training flag (fairseq-train, "
                          "fairseq-hydra-train): it configures the trainer")
     clashes = [flag for flag, on in (
         ("--fp16", common.fp16), ("--memory-efficient-fp16", common.memory_efficient_fp16),
-        ("--amp", common.amp), ("--bf16 / --tpu", common.tpu),
+        ("--amp", common.amp), ("--bf16 / --tpu", common.bf16 or common.tpu),
         ("--bf16-autocast", task_cfg.bf16_autocast)) if on]
     if clashes:
         raise ValueError(f"--bf16-weights replaces {', '.join(clashes)}: pass only one "
                          "precision flag")
+    optimizer = getattr(run_config(task_cfg, "optimizer"), "_name", None)
+    if optimizer != "amt_adam":
+        raise ValueError(f"--bf16-weights needs --optimizer amt_adam, which keeps the fp32 "
+                         f"master weights of the bf16 model (got {optimizer!r}); or train "
+                         "with --bf16-autocast")
     if torch.cuda.is_available() and not common.cpu and not torch.cuda.is_bf16_supported():
         raise ValueError("--bf16-weights needs a GPU with bf16 support (Ampere or newer); on "
                          "this one use --fp16 --fp16-no-flatten-grads")
-    with open_dict(common):
-        common.bf16 = True

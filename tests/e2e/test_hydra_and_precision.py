@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from tests.e2e.conftest import BIN, PLUGIN, ROOT, json_logs, run, train
+from amt_plugin.optimizer import MASTER_WEIGHTS
+from tests.e2e.conftest import BIN, PLUGIN, ROOT, json_logs, run, train, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -117,19 +118,39 @@ def test_bf16_autocast_trains_and_refuses_to_stack_with_fp16(zipf_data, tmp_path
               "--fp16-no-flatten-grads")
 
 
-def test_bf16_weights_train_bf16_weights_from_fp32_master_weights(zipf_data, tmp_path):
-    proc = train(zipf_data, tmp_path / "ck", "--max-update", "4", "--masker-warmup-updates",
-                 "1", "--bf16-weights", "--log-interval", "2", "--disable-validation")
+def test_bf16_weights_train_a_bf16_model_and_resume_from_its_fp32_master_weights(zipf_data,
+                                                                                   tmp_path):
+    flags = ["--masker-warmup-updates", "1", "--bf16-weights", "--log-interval", "2",
+             "--disable-validation"]
+    proc = train(zipf_data, tmp_path / "ck", "--max-update", "4", *flags)
     inner = json_logs(proc.stdout, "train_inner")
     assert inner and all(math.isfinite(float(x["loss"])) for x in inner)
     state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
-    # the model trained in bf16: fairseq saves its weights as fp32, each one a bf16 value
     weights = [v for k, v in state["model"].items()
                if v.is_floating_point() and k != "masker._extra_state"]  # not a weight
+    # the model trained in bf16: fairseq saves its weights as fp32, each one a bf16 value
     assert weights and all(torch.equal(v, v.bfloat16().float()) for v in weights)
-    moments = [s["exp_avg"] for s in state["last_optimizer_state"]["state"].values()]
+    opt = state["last_optimizer_state"]
+    moments = [s["exp_avg"] for s in opt["state"].values()]
     assert moments and all(m.dtype == torch.float32 for m in moments)
-    assert "loss_scale" not in state["last_optimizer_state"]  # bf16: no loss scaling
+    assert "loss_scale" not in opt  # bf16: no loss scaling
+    # one fp32 master per weight, which the model holds rounded to bf16; the updates
+    # smaller than bf16's resolution are kept in the masters
+    masters = list(opt[MASTER_WEIGHTS].values())
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert all(any(w.shape == m.shape and torch.equal(w, m.bfloat16().float())
+                   for w in weights) for m in masters)
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in masters)
+
+    # resumed to 6 updates, the run continues from the masters: it ends where an
+    # uninterrupted run does, to the bit
+    train(zipf_data, tmp_path / "ck", "--max-update", "6", *flags)
+    train(zipf_data, tmp_path / "straight", "--max-update", "6", *flags)
+    resumed, straight = (torch.load(tmp_path / d / "checkpoint_last.pt", weights_only=True)
+                         ["last_optimizer_state"][MASTER_WEIGHTS] for d in ("ck", "straight"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[i], straight[i]) for i in resumed)
+
     # evaluation loads it like any other checkpoint
     valid = run([str(BIN / "fairseq-validate"), str(zipf_data), "--user-dir", PLUGIN,
                  "--path", str(tmp_path / "ck" / "checkpoint_last.pt"), "--cpu",
@@ -140,3 +161,8 @@ def test_bf16_weights_train_bf16_weights_from_fp32_master_weights(zipf_data, tmp
     with pytest.raises(AssertionError, match="--bf16-weights replaces --bf16-autocast"):
         train(zipf_data, tmp_path / "ck2", "--max-update", "2", "--bf16-weights",
               "--bf16-autocast")
+    args = train_args(zipf_data, tmp_path / "ck3", "--max-update", "2", "--bf16-weights",
+                      "--optimizer", "adam")
+    at = args.index("--masker-lr")  # an amt_adam flag
+    with pytest.raises(AssertionError, match="--bf16-weights needs --optimizer amt_adam"):
+        run(args[:at] + args[at + 2:])

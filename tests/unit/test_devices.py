@@ -157,11 +157,14 @@ def test_compiled_variants_stay_under_torchs_recompile_limit(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs need a GPU")
 @pytest.mark.parametrize("strategy", ["learned", "random"])
 def test_fairseq_train_updates_never_drain_the_gpus_queue(strategy, tmp_path):
-    # Real fairseq-train updates with torch's sync debug mode set to "error" from the third
-    # update on: any read that waits for the GPU to finish its queue (.item(), nonzero, a
-    # blocking copy) raises. What is left is waiting on events: the logs after the forward,
-    # the previous update's gradient norm. Token-level masking, bf16 autocast, amt_adam.
+    # Real fairseq-train updates with torch's sync debug mode set to "warn" from the third
+    # update on: every read that waits for the GPU to finish its queue (.item(), nonzero, a
+    # blocking copy) is recorded with the Python lines that made it, and the test fails
+    # listing them all. What is left is waiting on events: the logs after the forward, the
+    # previous update's gradient norm. Token-level masking, bf16 autocast, amt_adam.
     import sys
+    import traceback
+    import warnings
     from pathlib import Path
 
     from fairseq import options
@@ -184,12 +187,18 @@ def test_fairseq_train_updates_never_drain_the_gpus_queue(strategy, tmp_path):
             "--seed", "1"]
     cfg = convert_namespace_to_omegaconf(
         options.parse_args_and_arch(options.get_training_parser(), argv))
-    original, updates = Trainer.train_step, []
+    original, updates, syncs = Trainer.train_step, [], {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" in str(message):
+            stack = [f"{f.filename}:{f.lineno} {f.name}"
+                     for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+            stack = stack[-6:]
+            syncs.setdefault("\n    ".join(stack), len(updates))
 
     def watched(self, samples, *args, **kwargs):
         updates.append(len(updates))
-        mode = "error" if len(updates) > 2 else "default"
-        torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.set_sync_debug_mode("warn" if len(updates) > 2 else "default")
         try:
             return original(self, samples, *args, **kwargs)
         finally:
@@ -197,7 +206,12 @@ def test_fairseq_train_updates_never_drain_the_gpus_queue(strategy, tmp_path):
 
     Trainer.train_step = watched
     try:
-        train_main(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            train_main(cfg)
     finally:
         Trainer.train_step = original
     assert len(updates) == 8
+    assert not syncs, "syncs in updates 3-8, first seen at update:\n" + "\n".join(
+        f"  {update}: {stack}" for stack, update in syncs.items())

@@ -469,3 +469,51 @@ def test_logged_sums_read_from_a_host_copy_equal_the_device_values():
         poisoned = {k: (torch.tensor(float("nan")) if k in keys else v) for k, v in log.items()}
         copied.append({**poisoned, "_host_copy": (keys, host, None)})
     assert sum_logs(copied) == pytest.approx(direct)
+
+
+def test_bf16_weights_step_like_fp32_adam_through_their_master_weights():
+    # --bf16-weights: amt_adam steps fp32 copies of bf16 weights. Given the same (bf16-valued)
+    # gradients, its masters follow fp32 AdamW exactly, the resting role included, and the
+    # model holds them rounded; the state dict carries them to a resumed run, bf16 or fp32.
+    torch.manual_seed(0)
+    roles = ["predictor", "predictor", "masker"]
+    start = [torch.randn(5, 3).bfloat16().float() for _ in roles]
+
+    def params(dtype):
+        ps = [torch.nn.Parameter(w.to(dtype, copy=True)) for w in start]
+        for p, role in zip(ps, roles):
+            p.param_group = role
+        return ps
+
+    cfg = AMTAdamConfig(lr=[1e-5], weight_decay=0.01)  # steps far below bf16's resolution
+    fp32, bf16 = params(torch.float32), params(torch.bfloat16)
+    reference, optimizer = AMTAdam(cfg, fp32), AMTAdam(cfg, bf16)
+    for update in range(20):
+        for p, q in zip(fp32, bf16):
+            g = torch.randn_like(p).bfloat16()
+            p.grad, q.grad = g.float(), g.clone()
+        for opt in (reference, optimizer):
+            opt.multiply_grads(0.5)
+            opt.clip_grad_norm(1.0)
+            opt.step(groups={"predictor"} if update % 2 else None)  # the masker rests
+            opt.zero_grad()
+        assert all(q.grad is None for q in bf16)
+    masters = list(optimizer.params)
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert all(torch.equal(m, p) for m, p in zip(masters, fp32))
+    assert all(torch.equal(q, p.bfloat16()) for q, p in zip(bf16, fp32))
+    assert not torch.equal(fp32[0], start[0])  # they moved,
+    assert all(torch.equal(q.float(), w) for q, w in zip(bf16, start))  # by under bf16's step
+    state = copy.deepcopy(optimizer.state_dict())
+    for dtype in (torch.bfloat16, torch.float32):  # resumed with and without --bf16-weights
+        resumed = [torch.nn.Parameter(q.detach().to(dtype)) for q in bf16]
+        for p, role in zip(resumed, roles):
+            p.param_group = role
+        loaded = AMTAdam(cfg, resumed)
+        loaded.load_state_dict(copy.deepcopy(state))
+        assert all(torch.equal(p, r) for p, r in zip(loaded.params, fp32))
+    mismatched = [torch.nn.Parameter(torch.zeros(2).bfloat16()) for _ in roles]
+    for p, role in zip(mismatched, roles):
+        p.param_group = role
+    with pytest.raises(ValueError, match="--reset-optimizer"):
+        AMTAdam(cfg, mismatched).load_state_dict(copy.deepcopy(state))
