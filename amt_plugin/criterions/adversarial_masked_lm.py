@@ -52,6 +52,7 @@ on the device until the logged sums are read back together in `reduce_metrics`.
 import logging
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
-from omegaconf import II
+from omegaconf import II, OmegaConf
 from torch import Tensor
 from torch.profiler import record_function
 
@@ -142,8 +143,10 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             raise ValueError(f"--masker-update-freq must be >= 1, got {cfg.masker_update_freq}")
         if cfg.masker_warmup_updates < 0:
             raise ValueError("--masker-warmup-updates must be >= 0")
-        self.cfg = cfg
-        self.task_cfg = task.cfg
+        # plain copies of the two configs: the step reads them a dozen times per update,
+        # and each read of an omegaconf node costs tens of microseconds of host time
+        self.cfg = plain(cfg)
+        self.task_cfg = plain(task.cfg)
         _collapse["threshold"] = cfg.masker_collapse_entropy
         self.strategy = task.cfg.masking_strategy
         self.learned = self.strategy == "learned"
@@ -486,6 +489,14 @@ def masker_objective(loss_grid: Tensor, by_masker: Tensor, selected: Tensor, tok
         "masker_distinct": (picks_per_type > 0).sum(),
     }
     return loss, running_mean(reward_mean, reward, acted), logs
+
+
+def plain(cfg):
+    """An omegaconf config's values, resolved now, as plain attributes (for reading only);
+    anything else (a dataclass built in Python) as it is."""
+    if not OmegaConf.is_config(cfg):
+        return cfg
+    return SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
 
 
 def _ddp() -> bool:

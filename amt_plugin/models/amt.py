@@ -89,8 +89,13 @@ class AMTModel(RobertaModel):
     def train(self, mode: bool = True):
         """nn.Module.train, skipped when every module is in that mode already: the trainer
         and the task switch the model to training on every update, and setting the flag
-        on each module costs several times more host time than checking it."""
-        if all(m.training == mode for m in self.modules()):
+        on each module costs several times more host time than checking it. The modules
+        are listed once (walking the tree for them costs most of the check): a module
+        added to the model after the first call is switched only along with the others."""
+        modules = self.__dict__.get("_all_modules")
+        if modules is None:
+            modules = self.__dict__["_all_modules"] = list(self.modules())
+        if all(m.training == mode for m in modules):
             return self
         return super().train(mode)
 
