@@ -16,10 +16,9 @@ Per shape (base = RoBERTa-base, small = amt_small's 12 x 256):
   --torch-compile, and with --torch-compile-mode reduce-overhead (CUDA graphs)
   | AMT bf16 with --masking-strategy random (the same run without the masker's work)
 
-Runs go in order of what they decide (PRIORITY): the stock rows; AMT bf16 as the default
-configs run it (quick to start), and at small shape the same with --sync-grad-norm; per shape
-the compiled candidate most likely to reach its target (base: bf16 weights compiled; small:
-bf16 weights under CUDA graphs); the other precision and compile variants;
+Runs go in order of what they decide (PRIORITY): the stock rows; AMT with bf16 weights at
+both shapes (eager, quick to start), and at small shape the same under CUDA graphs; AMT bf16
+autocast; at base, bf16 weights compiled; the other precision and compile variants;
 the random-masking rows (the masker's share); a profile of AMT bf16 at small and at base
 shape (benchmarks/step_profile.py: where the step's time goes, and how long the GPU waits
 for the host); the --fp16 rows; then the bf16-against-fp32 curves (--numerics). With
@@ -136,17 +135,17 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
 # Row kinds, in the order the table shows them; PRIORITY is the order they run in.
 KINDS = ("baseline", "fp16", "bf16", "synced", "bf16w", "compiled", "bf16w_compiled", "cudagraphs",
          "bf16w_cudagraphs", "random")
-# The stock rows first (every ratio needs them); then the default configs' bf16 (eager runs
-# start in seconds) and, at small shape, the same waiting for each update's gradient norm
-# (what the sync-free update is worth); then per shape the compiled candidate most likely to
-# reach its target (base: compute-bound, so fused kernels on bf16 weights; small: bound by
-# kernel launches, so CUDA graphs); then the other variants.
+# The stock rows first (every ratio needs them); then bf16 weights (amt_adam's fp32 master
+# weights: no casts, half the bytes of autocast; eager, so quick to start) at both shapes,
+# and at small shape the same under CUDA graphs (the small step is bound by kernel launches);
+# then the configs' bf16 autocast, and at base the compiled bf16 weights; then the other
+# variants (the --sync-grad-norm row: what the sync-free update is worth).
 PRIORITY = [("base", "baseline"), ("small", "baseline"),
-            ("base", "bf16"), ("small", "bf16"), ("small", "synced"),
-            ("base", "bf16w_compiled"), ("small", "bf16w_cudagraphs"),
-            ("base", "bf16w"), ("small", "bf16w"), ("small", "cudagraphs"),
-            ("base", "compiled"), ("small", "compiled"), ("small", "bf16w_compiled"),
-            ("base", "cudagraphs"), ("base", "bf16w_cudagraphs"), ("base", "synced"),
+            ("base", "bf16w"), ("small", "bf16w"), ("small", "bf16w_cudagraphs"),
+            ("base", "bf16"), ("small", "bf16"), ("base", "bf16w_compiled"),
+            ("small", "synced"), ("small", "cudagraphs"), ("base", "compiled"),
+            ("small", "compiled"), ("small", "bf16w_compiled"), ("base", "cudagraphs"),
+            ("base", "bf16w_cudagraphs"), ("base", "synced"),
             ("base", "random"), ("small", "random"), ("small", "profile"),
             ("base", "profile"), ("base", "fp16"), ("small", "fp16"), "numerics"]
 

@@ -155,13 +155,15 @@ def test_compiled_variants_stay_under_torchs_recompile_limit(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs need a GPU")
-@pytest.mark.parametrize("strategy", ["learned", "random"])
-def test_fairseq_train_updates_never_drain_the_gpus_queue(strategy, tmp_path):
+@pytest.mark.parametrize("strategy,precision", [("learned", "--bf16-autocast"),
+                                                ("random", "--bf16-autocast"),
+                                                ("learned", "--bf16-weights")])
+def test_fairseq_train_updates_never_drain_the_gpus_queue(strategy, precision, tmp_path):
     # Real fairseq-train updates with torch's sync debug mode set to "warn" from the third
     # update on: every read that waits for the GPU to finish its queue (.item(), nonzero, a
     # blocking copy) is recorded with the Python lines that made it, and the test fails
     # listing them all. What is left is waiting on events: the logs after the forward, the
-    # previous update's gradient norm. Token-level masking, bf16 autocast, amt_adam.
+    # previous update's gradient norm. Token-level masking, amt_adam, both bf16 paths.
     import sys
     import traceback
     import warnings
@@ -181,7 +183,7 @@ def test_fairseq_train_updates_never_drain_the_gpus_queue(strategy, tmp_path):
             "--task", "adversarial_masked_lm", "--criterion", "adversarial_masked_lm",
             "--arch", "amt_tiny", "--optimizer", "amt_adam", "--lr", "1e-4",
             "--masking-strategy", strategy, "--masker-warmup-updates", "0",
-            "--bf16-autocast", "--clip-norm", "1.0", "--tokens-per-sample", "64",
+            precision, "--clip-norm", "1.0", "--tokens-per-sample", "64",
             "--batch-size", "8", "--max-update", "8", "--no-save", "--disable-validation",
             "--num-workers", "0", "--log-format", "simple", "--log-interval", "4",
             "--seed", "1"]
