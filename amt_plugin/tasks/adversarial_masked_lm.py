@@ -114,7 +114,8 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
                   "state in --optimizer amt_adam (which this needs), no loss scaling. Moves "
                   "half the bytes of --bf16-autocast, whose residual stream stays fp32, and "
                   "has no casts. The checkpoint's model holds the bf16 weights; its optimizer "
-                  "state holds the fp32 master weights, which a resumed run continues from"},
+                  "state holds the fp32 master weights, which a resumed run continues from. "
+                  "--update-freq micro-batches' gradients are summed in bf16"},
     )
     torch_compile: bool = field(
         default=False,
