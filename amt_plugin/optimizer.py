@@ -129,6 +129,7 @@ class AMTAdam(FairseqOptimizer):
                     self._masters.append((p, master))
                     role_params[i] = master
         self._master_grads = [None] * len(self._masters)  # their fp32 gradients' storage
+        self._folded = [False] * len(self._masters)  # holds this update's gradient so far
         self._grads_in = False  # master gradients hold this update's (see _take_grads)
         lr = self._peak_lr
         self.masker_lr_scale = (cfg.masker_lr / lr) if cfg.masker_lr is not None else 1.0
@@ -213,30 +214,51 @@ class AMTAdam(FairseqOptimizer):
     def fused(self) -> bool:
         return bool(self._optimizer.defaults.get("fused"))
 
+    def backward(self, loss) -> None:
+        loss.backward()
+        if self._masters and not _data_parallel():
+            self._fold_grads()  # each micro-batch's bf16 gradients summed in fp32
+
     @torch.no_grad()
-    def _take_grads(self) -> None:
-        """The bf16 parameters' gradients into their masters' fp32 ones, once per update,
-        before anything reads them (the trainer calls multiply_grads, clip_grad_norm and
-        step, each after all micro-batches' backward). The bf16 gradients are then freed;
-        the fp32 ones are allocated once and kept (zero_grad leaves them), because this
-        copy overwrites them whole."""
-        if not self._masters or self._grads_in:
-            return
-        self._grads_in = True
-        sources, targets = [], []
+    def _fold_grads(self) -> None:
+        """The bf16 parameters' gradients into their masters' fp32 ones, added to those of
+        this update's earlier micro-batches; the bf16 ones are then freed. The fp32 ones
+        are allocated once and kept (zero_grad leaves them): the first micro-batch's copy
+        overwrites them whole. Under data parallelism this runs once per update, at the
+        step: torch's DDP sums the micro-batches it does not all-reduce in the parameters'
+        own gradients (no_sync), and all-reduces those, in bf16."""
+        copied, added = ([], []), ([], [])
         for i, (p, master) in enumerate(self._masters):
             if p.grad is None:
-                master.grad = None
                 continue
-            if master.grad is None:  # first update, or its group was left out of a step
+            if not self._folded[i]:
                 if self._master_grads[i] is None:
                     self._master_grads[i] = torch.empty_like(master)
                 master.grad = self._master_grads[i]
-            sources.append(p.grad)
-            targets.append(master.grad)
+                self._folded[i] = True
+                into = copied
+            else:
+                into = added
+            into[0].append(master.grad)
+            into[1].append(p.grad)
             p.grad = None
-        if targets:
-            torch._foreach_copy_(targets, sources)
+        if copied[0]:
+            torch._foreach_copy_(*copied)
+        if added[0]:
+            torch._foreach_add_(*added)
+
+    def _take_grads(self) -> None:
+        """This update's gradients in the masters, before anything reads them (the trainer
+        calls multiply_grads, clip_grad_norm and step, each after all micro-batches'
+        backward): what is left in the bf16 parameters is folded in, and a master without a
+        gradient this update has none."""
+        if not self._masters or self._grads_in:
+            return
+        self._grads_in = True
+        self._fold_grads()
+        for (_, master), folded in zip(self._masters, self._folded):
+            if not folded:
+                master.grad = None
 
     def zero_grad(self) -> None:
         masters = {id(m) for _, m in self._masters}
@@ -245,6 +267,7 @@ class AMTAdam(FairseqOptimizer):
         for p in self.params:
             if id(p) not in masters:  # fp32 parameters: as fairseq does
                 p.grad = None
+        self._folded = [False] * len(self._masters)
         self._grads_in = False
 
     def step(self, closure=None, scale=1.0, groups=None) -> None:
@@ -338,6 +361,10 @@ class AMTAdam(FairseqOptimizer):
             # an overflowed step (non-finite norm) is skipped by the wrapper: leave it be
             ratio = torch.where(scaled.isfinite(), own / joint, torch.ones_like(own))
             torch._foreach_mul_(grads, ratio.to(grads[0].device))
+
+
+def _data_parallel() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def fused_adam_supported(params: list) -> bool:

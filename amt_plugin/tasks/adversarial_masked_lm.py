@@ -115,7 +115,8 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
                   "half the bytes of --bf16-autocast, whose residual stream stays fp32, and "
                   "has no casts. The checkpoint's model holds the bf16 weights; its optimizer "
                   "state holds the fp32 master weights, which a resumed run continues from. "
-                  "--update-freq micro-batches' gradients are summed in bf16"},
+                  "--update-freq micro-batches' gradients are summed in fp32 on one GPU, "
+                  "in bf16 under data parallelism (torch's DDP)"},
     )
     torch_compile: bool = field(
         default=False,
