@@ -106,10 +106,14 @@ GLOO = ["--ddp-backend", "legacy_ddp", "--distributed-backend", "gloo",
         "--max-update", "12", "--masker-warmup-updates", "4"]
 
 
-def test_two_processes_with_gloo(zipf_data, tmp_path):
+# bf16 weights: the ranks all-reduce bf16 gradients summed over two micro-batches, then
+# amt_adam takes them into its fp32 master weights
+@pytest.mark.parametrize("precision", [[], ["--bf16-weights", "--update-freq", "2"]],
+                         ids=["fp32", "bf16-weights"])
+def test_two_processes_with_gloo(zipf_data, tmp_path, precision):
     port = free_port()
     distributed = [*GLOO, "--distributed-init-method", f"tcp://127.0.0.1:{port}",
-                   "--distributed-no-spawn", "--distributed-world-size", "2"]
+                   "--distributed-no-spawn", "--distributed-world-size", "2", *precision]
     procs = [
         subprocess.Popen(train_args(zipf_data, tmp_path / "ck", *distributed,
                                     "--distributed-rank", str(rank)),
