@@ -60,19 +60,30 @@ from zipf_corpus import make_corpus
 ROOT = Path(__file__).resolve().parents[1]
 # fairseq-train in-process, then report the peak GPU memory. fairseq's trainer resets the peak
 # after every update (for its gb_free), so the peak is also read just before each reset.
+# For --torch-compile runs it also reports, at the end (nothing is logged while it measures
+# but recompiles, which are rare unless something is wrong), torch's compile counters: how
+# many graphs, recompiles and CUDA-graph skips there were.
 LAUNCH = """
-import torch
+import json, sys, torch
 from fairseq_cli.train import cli_main
 peak, reset = [0], torch.cuda.reset_peak_memory_stats
 def reset_after_reading(*args, **kwargs):
     peak[0] = max(peak[0], torch.cuda.max_memory_allocated())
     reset(*args, **kwargs)
 torch.cuda.reset_peak_memory_stats = reset_after_reading
+compiled = "--torch-compile" in sys.argv
+if compiled:
+    torch._logging.set_logs(recompiles=True)
 try:
     cli_main()
 finally:
     if torch.cuda.is_available():
         print("PEAK_MEMORY_BYTES", max(peak[0], torch.cuda.max_memory_allocated()), flush=True)
+    if compiled:
+        from torch._dynamo.utils import counters
+        print("COMPILE_COUNTERS", json.dumps({k: dict(v) for k, v in counters.items()
+                                              if v and k != "aten_mm_info"}, default=str),
+              flush=True)
 """
 SHAPES = {  # layers, width, heads, ffn; masker layers, width
     "base": (12, 768, 12, 3072, 2, 192),
@@ -119,7 +130,7 @@ def train(data: Path, flags: list[str], cpu: bool, timeout: int) -> str:
 
 
 def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: int):
-    """(tokens/s, peak GiB) of one run."""
+    """(tokens/s, peak GiB, the run's log) of one run."""
     log_every = max(1, updates // 12)
     out = train(data, ["--max-update", str(updates), "--no-save", "--disable-validation",
                        "--log-interval", str(log_every), *flags], cpu, timeout)
@@ -129,7 +140,22 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
         raise RuntimeError("no wps in the log:\n" + out[-2000:])
     steady = wps[len(wps) // 3:] or wps
     peak = re.findall(r"PEAK_MEMORY_BYTES (\d+)", out)
-    return statistics.median(steady), (int(peak[-1]) / 2**30 if peak else float("nan"))
+    return statistics.median(steady), (int(peak[-1]) / 2**30 if peak else float("nan")), out
+
+
+def compile_report(out: str) -> dict:
+    """What torch.compile did in a --torch-compile run: its counters (graphs, recompiles,
+    CUDA-graph skips) and the first recompile reasons, from the run's log."""
+    report = {}
+    counters = re.findall(r"^COMPILE_COUNTERS (.*)$", out, flags=re.M)
+    if counters:
+        report["counters"] = json.loads(counters[-1])
+    marker = "[__recompiles]"
+    reasons = [line.split(marker, 1)[1].strip()[:200] for line in out.splitlines()
+               if marker in line]
+    if reasons:
+        report["recompiles"] = reasons[:20]
+    return report
 
 
 # Row kinds, in the order the table shows them; PRIORITY is the order they run in.
@@ -216,11 +242,15 @@ def measure(args, data: Path, cpu: bool, name: str, kind: str, clock: Clock) -> 
         row["error"] = "skipped: no time left in --time-budget"
         return row
     try:
-        wps, mem = throughput(data, common + flags, updates, cpu, timeout)
+        wps, mem, out = throughput(data, common + flags, updates, cpu, timeout)
     except RuntimeError as e:
         row["error"] = str(e).strip().splitlines()[-1][:160] if str(e).strip() else "?"
         print(f"FAILED {label}:\n{e}", file=sys.stderr, flush=True)
         return row
+    if "--torch-compile" in flags:
+        row["compile"] = compile_report(out)
+        print(f"{label}, torch.compile: {json.dumps(row['compile'])[:2000]}", file=sys.stderr,
+              flush=True)
     flops = flops_per_token(SHAPES[name], args.vocab, args.tokens, is_amt, True)
     row.update(tokens_per_s=wps, peak_gib=mem, mfu=wps * flops / (args.peak_tflops * 1e12),
                of_matmul_rate=wps * flops / (args.matmul_tflops * 1e12))

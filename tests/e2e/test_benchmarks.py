@@ -33,6 +33,10 @@ def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     assert not any("failed" in r for r in rows)
     assert any(line.startswith("masker's share of step time, tiny shape") for line in lines)
     results = json.loads((tmp_path / "r.json").read_text())
+    # each compiled row says what torch.compile did (graphs, recompiles, CUDA-graph skips)
+    compiled = [r for r in results["throughput"] if "compiled" in r["run"]]
+    assert len(compiled) == 4
+    assert all(r["compile"]["counters"]["stats"]["unique_graphs"] > 0 for r in compiled)
     random, learned = results["numerics"]["random"], results["numerics"]["learned"]
     assert random["updates"] == list(range(1, 9)) and len(random["bf16"]) == 8
     assert learned["metric"] == "valid fixed_mask_loss" and len(learned["updates"]) >= 4
