@@ -1,10 +1,11 @@
 """Where an AMT training step spends its time, from torch.profiler over a few real steps.
 
     python benchmarks/step_profile.py --arch amt_small [--batch 64] [--tokens 512] [--steps 5]
-        [--data DIR] [--fp32]
+        [--data DIR] [--fp32 | --bf16-weights]
 
-Runs the real `fairseq-train` in-process (bf16 autocast unless --fp32, learned masking, the
-masker trained every update) and profiles `--steps` updates after `--warmup` updates. Prints:
+Runs the real `fairseq-train` in-process (bf16 autocast, or fp32, or bf16 weights; learned
+masking, the masker trained every update) and profiles `--steps` updates after `--warmup`
+updates. Prints:
 
 - wall time per update, and device-busy time per update (the kernels' summed time): the gap
   between the two is the time the GPU waits for the host;
@@ -31,6 +32,16 @@ from zipf_corpus import make_corpus
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SCOPES = ("forward", "masker", "predictor", "backward")
+
+
+PRECISION_FLAGS = {"fp32": [], "bf16 autocast": ["--bf16-autocast"],
+                   "bf16 weights": ["--bf16-weights"]}
+
+
+def precision(args) -> str:
+    if args.fp32 and args.bf16_weights:
+        raise SystemExit("--fp32 and --bf16-weights: pass one of them")
+    return "fp32" if args.fp32 else "bf16 weights" if args.bf16_weights else "bf16 autocast"
 
 
 def profile_steps(data: Path, args) -> tuple[torch.profiler.profile, float]:
@@ -73,7 +84,7 @@ def profile_steps(data: Path, args) -> tuple[torch.profiler.profile, float]:
             "--tokens-per-sample", str(args.tokens), "--batch-size", str(args.batch),
             "--lr", "1e-4", "--max-update", str(args.warmup + args.steps), "--no-save",
             "--disable-validation", "--log-format", "none", "--seed", "1",
-            "--num-workers", "2", *([] if args.fp32 else ["--bf16-autocast"]),
+            "--num-workers", "2", *PRECISION_FLAGS[precision(args)],
             *([] if cuda else ["--cpu"])]
     parser = options.get_training_parser()
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
@@ -135,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="updates profiled")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="bf16 weights (amt_adam's fp32 master weights) instead of autocast")
     p.add_argument("--data", type=Path, help="a fairseq data dir (default: a Zipf corpus)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU sizes: the script runs")
     args = p.parse_args(argv)
@@ -145,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                         2000 if args.smoke else 20000, 50, (50, 400),
                                         workers=os.cpu_count() or 1)
         prof, wall = profile_steps(data, args)
-    precision = "fp32" if args.fp32 else "bf16 autocast"
-    print(f"\n{args.arch}, {args.batch} x {args.tokens} tokens per update, {precision}, "
+    print(f"\n{args.arch}, {args.batch} x {args.tokens} tokens per update, {precision(args)}, "
           f"learned masking, {args.steps} updates profiled after {args.warmup}\n")
     report(prof, wall, args.steps, args.top)
     return 0
