@@ -150,6 +150,9 @@ class AMTAdam(FairseqOptimizer):
             fused=fused or None, foreach=None if fused else True,
         )
         self.set_lr(lr)
+        # the parameters this optimizer steps directly (fp32 ones), found once for zero_grad
+        mastered = {id(m) for _, m in self._masters}
+        self._unmastered = [p for p in self.params if id(p) not in mastered]
         self._wrapper = None  # (FP16Optimizer, its max_norm): see clip_roles_under
         # Set by the task each update: this optimizer is the trainer's own, on a GPU, fused
         # (found_inf), and --sync-grad-norm is off. See _read_late.
@@ -261,12 +264,10 @@ class AMTAdam(FairseqOptimizer):
                 master.grad = None
 
     def zero_grad(self) -> None:
-        masters = {id(m) for _, m in self._masters}
-        for p, _ in self._masters:
+        for p, _ in self._masters:  # the masters keep their gradients' storage
             p.grad = None
-        for p in self.params:
-            if id(p) not in masters:  # fp32 parameters: as fairseq does
-                p.grad = None
+        for p in self._unmastered:  # as fairseq does
+            p.grad = None
         self._folded = [False] * len(self._masters)
         self._grads_in = False
 

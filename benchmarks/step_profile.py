@@ -34,13 +34,7 @@ sys.path.insert(0, str(ROOT))
 SCOPES = ("forward", "masker", "predictor", "backward")
 
 
-PRECISION_FLAGS = {"fp32": [], "bf16 autocast": ["--bf16-autocast"],
-                   "bf16 weights": ["--bf16-weights"]}
-
-
 def precision(args) -> str:
-    if args.fp32 and args.bf16_weights:
-        raise SystemExit("--fp32 and --bf16-weights: pass one of them")
     return "fp32" if args.fp32 else "bf16 weights" if args.bf16_weights else "bf16 autocast"
 
 
@@ -84,7 +78,8 @@ def profile_steps(data: Path, args) -> tuple[torch.profiler.profile, float]:
             "--tokens-per-sample", str(args.tokens), "--batch-size", str(args.batch),
             "--lr", "1e-4", "--max-update", str(args.warmup + args.steps), "--no-save",
             "--disable-validation", "--log-format", "none", "--seed", "1",
-            "--num-workers", "2", *PRECISION_FLAGS[precision(args)],
+            "--num-workers", "2",
+            *([] if args.fp32 else ["--bf16-weights" if args.bf16_weights else "--bf16-autocast"]),
             *([] if cuda else ["--cpu"])]
     parser = options.get_training_parser()
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
@@ -145,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10, help="updates before profiling")
     p.add_argument("--steps", type=int, default=5, help="updates profiled")
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    p.add_argument("--bf16-weights", action="store_true",
+    precisions = p.add_mutually_exclusive_group()
+    precisions.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    precisions.add_argument("--bf16-weights", action="store_true",
                    help="bf16 weights (amt_adam's fp32 master weights) instead of autocast")
     p.add_argument("--data", type=Path, help="a fairseq data dir (default: a Zipf corpus)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU sizes: the script runs")
