@@ -22,7 +22,10 @@ fairseq's Adam (AdamW-style decoupled weight decay, same flags) with:
   lost. Three foreach calls per update (gradients in, weights out; fairseq's FP16Optimizer
   loops over the parameters in Python, 1,700 extra operator calls per update at amt_small).
   The master weights are saved with the optimizer state, so a resumed run continues from
-  them, not from the rounded weights.
+  them, not from the rounded weights. Each micro-batch's bf16 gradients are added to the
+  masters' fp32 ones, and under data parallelism this optimizer all-reduces those fp32 sums
+  itself, once per update (as Megatron-LM does for bf16): the data-parallel wrapper is told
+  not to reduce the bf16 ones (see `reduce_gradients_of`).
 
 The gradient norm is read one update late on GPUs (unless --sync-grad-norm): fairseq's
 trainer checks it for NaN/inf on the host before each step, and that read waits for the
@@ -52,8 +55,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from fairseq.optim.adam import FairseqAdamConfig
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.nn.parallel import DistributedDataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +134,8 @@ class AMTAdam(FairseqOptimizer):
                     master.param_group = role
                     self._masters.append((p, master))
                     role_params[i] = master
-        self._master_grads = [None] * len(self._masters)  # their fp32 gradients' storage
+        self._grad_buffer = None  # the masters' fp32 gradients, flat (one all-reduce)
+        self._master_grads = None  # their views, one per master
         self._folded = [False] * len(self._masters)  # holds this update's gradient so far
         self._grads_in = False  # master gradients hold this update's (see _take_grads)
         lr = self._peak_lr
@@ -158,6 +165,7 @@ class AMTAdam(FairseqOptimizer):
         # (found_inf), and --sync-grad-norm is off. See _read_late.
         self.norm_read_late = False
         self._pending_norm = None  # (host copy, its CUDA event or None) of the last norm
+        self._reducer = None  # (model, process group): see reduce_gradients_of
 
     @property
     def _peak_lr(self) -> float:
@@ -219,24 +227,22 @@ class AMTAdam(FairseqOptimizer):
 
     def backward(self, loss) -> None:
         loss.backward()
-        if self._masters and not _data_parallel():
+        if self._masters:
             self._fold_grads()  # each micro-batch's bf16 gradients summed in fp32
 
     @torch.no_grad()
     def _fold_grads(self) -> None:
         """The bf16 parameters' gradients into their masters' fp32 ones, added to those of
         this update's earlier micro-batches; the bf16 ones are then freed. The fp32 ones
-        are allocated once and kept (zero_grad leaves them): the first micro-batch's copy
-        overwrites them whole. Under data parallelism this runs once per update, at the
-        step: torch's DDP sums the micro-batches it does not all-reduce in the parameters'
-        own gradients (no_sync), and all-reduces those, in bf16."""
+        are views of one flat buffer (one all-reduce under data parallelism), allocated once
+        and kept (zero_grad leaves them): the first micro-batch's copy overwrites them."""
+        if self._master_grads is None:
+            self._allocate_master_grads()
         copied, added = ([], []), ([], [])
         for i, (p, master) in enumerate(self._masters):
             if p.grad is None:
                 continue
             if not self._folded[i]:
-                if self._master_grads[i] is None:
-                    self._master_grads[i] = torch.empty_like(master)
                 master.grad = self._master_grads[i]
                 self._folded[i] = True
                 into = copied
@@ -249,6 +255,13 @@ class AMTAdam(FairseqOptimizer):
             torch._foreach_copy_(*copied)
         if added[0]:
             torch._foreach_add_(*added)
+
+    def _allocate_master_grads(self) -> None:
+        masters = [m for _, m in self._masters]
+        self._grad_buffer = torch.zeros(sum(m.numel() for m in masters),
+                                        dtype=torch.float32, device=masters[0].device)
+        self._master_grads = [view.view_as(m) for view, m in zip(
+            self._grad_buffer.split([m.numel() for m in masters]), masters)]
 
     def _take_grads(self) -> None:
         """This update's gradients in the masters, before anything reads them (the trainer
@@ -270,6 +283,50 @@ class AMTAdam(FairseqOptimizer):
             p.grad = None
         self._folded = [False] * len(self._masters)
         self._grads_in = False
+
+    def reduce_gradients_of(self, model) -> None:
+        """Data parallelism with bf16 weights: this optimizer all-reduces the masters' fp32
+        gradients itself (all_reduce_grads, once per update, after all micro-batches have
+        been summed into them), and the data-parallel wrapper of `model` (the trainer's)
+        reduces nothing. fairseq's legacy_ddp reduces only when the trainer asks
+        all_reduce_grads, which this optimizer answers; torch's DDP (pytorch_ddp) gets a
+        communication hook that communicates nothing (torch's noop_hook), so it neither
+        sums the micro-batches nor reduces the last one in bf16.
+
+        Called by the task before each forward; the wrapper is set up on the first call.
+        The reduction is not overlapped with the backward: one all-reduce of 4 bytes per
+        weight per update, after the update's last micro-batch."""
+        if not self._masters or (self._reducer is not None and self._reducer[0] is model):
+            return
+        wrapper = model.module if isinstance(model, ModuleProxyWrapper) else model
+        if isinstance(wrapper, DistributedDataParallel):
+            wrapper.register_comm_hook(None, noop_hook)
+        elif not isinstance(wrapper, LegacyDistributedDataParallel):
+            return  # one process: nothing to reduce
+        self._reducer = (model, wrapper.process_group)
+
+    @torch.no_grad()
+    def all_reduce_grads(self, module) -> None:
+        if self._reducer is None or module is not self._reducer[0]:
+            super().all_reduce_grads(module)
+            return
+        self._take_grads()
+        # a master without a gradient here counts as zero, as in fairseq's legacy_ddp
+        resting = [g for g, folded in zip(self._master_grads, self._folded) if not folded]
+        if resting:
+            torch._foreach_zero_(resting)
+        group = self._reducer[1]
+        reduced = [self._grad_buffer]
+        others = [p.grad for p in self._unmastered if p.grad is not None]  # fp32 parameters
+        if others:
+            reduced.append(torch._utils._flatten_dense_tensors(others))
+        for flat in reduced:
+            torch.distributed.all_reduce(flat, group=group)
+            # the mean, as the wrappers reduce: the trainer multiplies by world size next
+            flat.div_(torch.distributed.get_world_size(group))
+        if others:
+            unflat = torch._utils._unflatten_dense_tensors(reduced[1], others)
+            torch._foreach_copy_(others, list(unflat))
 
     def step(self, closure=None, scale=1.0, groups=None) -> None:
         self._take_grads()
@@ -362,10 +419,6 @@ class AMTAdam(FairseqOptimizer):
             # an overflowed step (non-finite norm) is skipped by the wrapper: leave it be
             ratio = torch.where(scaled.isfinite(), own / joint, torch.ones_like(own))
             torch._foreach_mul_(grads, ratio.to(grads[0].device))
-
-
-def _data_parallel() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def fused_adam_supported(params: list) -> bool:

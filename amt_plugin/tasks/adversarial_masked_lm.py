@@ -115,8 +115,8 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
                   "half the bytes of --bf16-autocast, whose residual stream stays fp32, and "
                   "has no casts. The checkpoint's model holds the bf16 weights; its optimizer "
                   "state holds the fp32 master weights, which a resumed run continues from. "
-                  "--update-freq micro-batches' gradients are summed in fp32 on one GPU, "
-                  "in bf16 under data parallelism (torch's DDP)"},
+                  "Gradients are summed over --update-freq micro-batches and all-reduced "
+                  "across GPUs in fp32 (--ddp-backend pytorch_ddp or legacy_ddp)"},
     )
     torch_compile: bool = field(
         default=False,
@@ -296,6 +296,8 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             synced = getattr(optimizer.cfg, "sync_grad_norm", False)
             optimizer.norm_read_late = (optimizer.fused and not synced
                                         and next(model.parameters()).is_cuda)
+            # bf16 weights under data parallelism: it all-reduces their fp32 gradients itself
+            optimizer.reduce_gradients_of(model)
         with torch.autograd.profiler.record_function("forward"), self.autocast(model, optimizer):
             loss, sample_size, logging_output = criterion(model, sample)
         if ignore_grad:
@@ -374,6 +376,15 @@ def check_bf16_weights(task_cfg: AdversarialMaskedLMConfig) -> None:
         raise ValueError(f"--bf16-weights needs --optimizer amt_adam, which keeps the fp32 "
                          f"master weights of the bf16 model (got {optimizer!r}); or train "
                          "with --bf16-autocast")
+    distributed = run_config(task_cfg, "distributed_training")
+    if distributed is not None:  # amt_adam all-reduces the fp32 gradients itself
+        if distributed.ddp_backend not in ("pytorch_ddp", "c10d", "legacy_ddp", "no_c10d"):
+            raise ValueError(f"--bf16-weights works with --ddp-backend pytorch_ddp or "
+                             f"legacy_ddp (got {distributed.ddp_backend}); or train with "
+                             "--bf16-autocast")
+        if distributed.ddp_comm_hook != "none":
+            raise ValueError(f"--bf16-weights all-reduces the gradients in fp32 itself: "
+                             f"leave out --ddp-comm-hook {distributed.ddp_comm_hook}")
     if torch.cuda.is_available() and not common.cpu and not torch.cuda.is_bf16_supported():
         raise ValueError("--bf16-weights needs a GPU with bf16 support (Ampere or newer); on "
                          "this one use --fp16 --fp16-no-flatten-grads")

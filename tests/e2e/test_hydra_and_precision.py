@@ -47,7 +47,7 @@ def test_shipped_gpu_configs_train_in_bf16(config, zipf_data, tmp_path):
                 "model.max_positions=64", "common.log_format=json", "common.log_interval=1",
                 "common.cpu=true", "checkpoint.no_save=true",
                 f"hydra.run.dir={tmp_path}"])
-    assert "bf16_autocast': True" in proc.stdout or '"bf16_autocast": true' in proc.stdout
+    assert "bf16_weights': True" in proc.stdout or '"bf16_weights": true' in proc.stdout
     inner = json_logs(proc.stdout, "train_inner")
     assert len(inner) == 2 and all(math.isfinite(float(x["loss"])) for x in inner)
 
@@ -166,3 +166,8 @@ def test_bf16_weights_train_a_bf16_model_and_resume_from_its_fp32_master_weights
     at = args.index("--masker-lr")  # an amt_adam flag
     with pytest.raises(AssertionError, match="--bf16-weights needs --optimizer amt_adam"):
         run(args[:at] + args[at + 2:])
+    # amt_adam all-reduces the fp32 gradients itself: wrappers that reduce their own way
+    for flags, error in ((["--ddp-comm-hook", "fp16"], "leave out --ddp-comm-hook fp16"),
+                         (["--ddp-backend", "fully_sharded"], "works with --ddp-backend")):
+        with pytest.raises(AssertionError, match=error):
+            train(zipf_data, tmp_path / "ck4", "--max-update", "2", "--bf16-weights", *flags)

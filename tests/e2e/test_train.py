@@ -106,8 +106,8 @@ GLOO = ["--ddp-backend", "legacy_ddp", "--distributed-backend", "gloo",
         "--max-update", "12", "--masker-warmup-updates", "4"]
 
 
-# bf16 weights: the ranks all-reduce bf16 gradients summed over two micro-batches, then
-# amt_adam takes them into its fp32 master weights
+# bf16 weights: amt_adam sums the two micro-batches in fp32 and all-reduces that sum in fp32
+# itself (legacy_ddp reduces nothing); tests/e2e/test_pytorch_ddp.py checks the sums
 @pytest.mark.parametrize("precision", [[], ["--bf16-weights", "--update-freq", "2"]],
                          ids=["fp32", "bf16-weights"])
 def test_two_processes_with_gloo(zipf_data, tmp_path, precision):

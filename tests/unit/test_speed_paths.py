@@ -519,12 +519,10 @@ def test_bf16_weights_step_like_fp32_adam_through_their_master_weights():
         AMTAdam(cfg, mismatched).load_state_dict(copy.deepcopy(state))
 
 
-@pytest.mark.parametrize("data_parallel", [False, True])
-def test_bf16_weights_sum_micro_batches_in_fp32_on_one_process(data_parallel, monkeypatch):
+def test_bf16_weights_sum_micro_batches_in_fp32():
     # 1 + 2^-9 + 2^-9: each small term is half a bf16 step at 1, so a bf16 sum stays at 1.
-    # One process: each backward's bf16 gradient is added to the master's fp32 one. Under
-    # data parallelism torch's DDP sums no_sync micro-batches in the bf16 gradients itself.
-    monkeypatch.setattr(amt_optimizer, "_data_parallel", lambda: data_parallel)
+    # Each backward's bf16 gradient is added to the master's fp32 one (across data-parallel
+    # ranks too: tests/e2e/test_pytorch_ddp.py).
     weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     weight.param_group = "predictor"
     optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3]), [weight])
@@ -533,7 +531,7 @@ def test_bf16_weights_sum_micro_batches_in_fp32_on_one_process(data_parallel, mo
         for c in (1.0, 2.0**-9, 2.0**-9):
             optimizer.backward((weight * c).sum())
         norm = optimizer.clip_grad_norm(0.0)
-        expected = 1.0 if data_parallel else 1.0 + 2.0**-8
+        expected = 1.0 + 2.0**-8
         (master,) = optimizer.params
         assert master.grad.dtype == torch.float32 and weight.grad is None
         assert torch.equal(master.grad, torch.full((4,), expected))
