@@ -36,10 +36,10 @@ masker (forward on every update, backward when it trains). The masker's share of
 1 - (tokens/s with the masker) / (tokens/s without it). A run that fails is reported as such
 and the others go on.
 
---numerics trains amt_small in fp32 and in bf16 (--bf16-autocast, or --bf16-weights with
---numerics-bf16 weights) on the same data and seed (dropout off), under random masking (train
-loss: the same masks in both runs) and learned masking (fixed-mask validation loss), and
-prints the curves and the largest gap, in bits.
+--numerics trains amt_small in fp32 and in bf16 (--bf16-weights, the configs' precision, or
+--bf16-autocast with --numerics-bf16 autocast) on the same data and seed (dropout off), under
+random masking (train loss: the same masks in both runs) and learned masking (fixed-mask
+validation loss), and prints the curves and the largest gap, in bits.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ KINDS = ("baseline", "fp16", "bf16", "synced", "bf16w", "compiled", "bf16w_compi
 # The stock rows first (every ratio needs them); then bf16 weights (amt_adam's fp32 master
 # weights: no casts, half the bytes of autocast; eager, so quick to start) at both shapes,
 # and at small shape the same under CUDA graphs (the small step is bound by kernel launches);
-# then the configs' bf16 autocast, and at base the compiled bf16 weights; then the other
+# then bf16 autocast, and at base the compiled bf16 weights; then the other
 # variants (the --sync-grad-norm row: what the sync-free update is worth).
 PRIORITY = [("base", "baseline"), ("small", "baseline"),
             ("base", "bf16w"), ("small", "bf16w"), ("small", "bf16w_cudagraphs"),
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numerics", action="store_true",
                    help="also train fp32 against bf16 and compare the loss curves")
     p.add_argument("--numerics-only", action="store_true")
-    p.add_argument("--numerics-bf16", choices=["autocast", "weights"], default="autocast",
+    p.add_argument("--numerics-bf16", choices=["autocast", "weights"], default="weights",
                    help="the bf16 run of --numerics: --bf16-autocast or --bf16-weights")
     p.add_argument("--profile", action="store_true",
                    help="also profile AMT bf16 steps (benchmarks/step_profile.py) per shape")

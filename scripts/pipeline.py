@@ -249,6 +249,7 @@ def stage_pretrain(args: argparse.Namespace, data: Path, strategy: str) -> Path:
     ]
     if args.cpu:  # half precision on a CPU is slow emulation: train in fp32 there
         overrides += ["common.cpu=true", "common.fp16=false", "++task.bf16_autocast=false",
+                      "++task.bf16_weights=false",
                       "distributed_training.distributed_world_size=1"]
     else:
         overrides += ["common.cpu=false",
