@@ -311,7 +311,9 @@ class AMTAdam(FairseqOptimizer):
             super().all_reduce_grads(module)
             return
         self._take_grads()
-        # a master without a gradient here counts as zero, as in fairseq's legacy_ddp
+        # Every rank computes gradients for the same parameters (the game's schedule is the
+        # same on all ranks; torch's DDP insists on it): a master without one here has none
+        # anywhere, and stays without. Its stale slice of the buffer is zeroed, not summed.
         resting = [g for g, folded in zip(self._master_grads, self._folded) if not folded]
         if resting:
             torch._foreach_zero_(resting)

@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            "1000"],
         "AMT learned, masker trains": amt,
         "AMT learned, masker trains, bf16 autocast": [*amt, "--bf16-autocast"],
+        "AMT learned, masker trains, bf16 weights": [*amt, "--bf16-weights"],
     }
     narrow = ["--encoder-embed-dim", "16", "--encoder-ffn-embed-dim", "64",
               "--encoder-attention-heads", "1"]

@@ -98,8 +98,10 @@ BF16_SCRIPT = textwrap.dedent("""
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=2)
         module = Scale()
-        if backend == "pytorch_ddp":
-            wrapper = torch.nn.parallel.DistributedDataParallel(module)
+        if backend.startswith("pytorch_ddp"):  # fairseq's --gradient-as-bucket-view too
+            views = backend.endswith("bucket_view")
+            wrapper = torch.nn.parallel.DistributedDataParallel(
+                module, gradient_as_bucket_view=views)
         else:
             wrapper = LegacyDistributedDataParallel(module, dist.group.WORLD)
         model = ModuleProxyWrapper(wrapper)  # what fairseq's trainer hands the task
@@ -132,7 +134,7 @@ BF16_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend", ["pytorch_ddp", "legacy_ddp"])
+@pytest.mark.parametrize("backend", ["pytorch_ddp", "pytorch_ddp_bucket_view", "legacy_ddp"])
 def test_bf16_weights_all_reduce_the_fp32_sum_of_all_micro_batches(tmp_path, backend):
     # --bf16-weights under data parallelism: amt_adam sums each rank's micro-batches in fp32
     # and all-reduces that sum in fp32; the wrapper (torch's DDP, or fairseq's legacy_ddp)
