@@ -385,6 +385,10 @@ def check_bf16_weights(task_cfg: AdversarialMaskedLMConfig) -> None:
         if distributed.ddp_comm_hook != "none":
             raise ValueError(f"--bf16-weights all-reduces the gradients in fp32 itself: "
                              f"leave out --ddp-comm-hook {distributed.ddp_comm_hook}")
+    if getattr(run_config(task_cfg, "optimization"), "use_bmuf", False):
+        raise ValueError("--bf16-weights cannot be used with --use-bmuf (BMUF averages "
+                         "amt_adam's fp32 master weights, not the model's bf16 ones); train "
+                         "with --bf16-autocast")
     if torch.cuda.is_available() and not common.cpu and not torch.cuda.is_bf16_supported():
         raise ValueError("--bf16-weights needs a GPU with bf16 support (Ampere or newer); on "
                          "this one use --fp16 --fp16-no-flatten-grads")

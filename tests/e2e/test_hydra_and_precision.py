@@ -166,8 +166,10 @@ def test_bf16_weights_train_a_bf16_model_and_resume_from_its_fp32_master_weights
     at = args.index("--masker-lr")  # an amt_adam flag
     with pytest.raises(AssertionError, match="--bf16-weights needs --optimizer amt_adam"):
         run(args[:at] + args[at + 2:])
-    # amt_adam all-reduces the fp32 gradients itself: wrappers that reduce their own way
+    # amt_adam all-reduces the fp32 gradients itself: wrappers that reduce their own way,
+    # or average the optimizer's parameters (BMUF), are refused
     for flags, error in ((["--ddp-comm-hook", "fp16"], "leave out --ddp-comm-hook fp16"),
-                         (["--ddp-backend", "fully_sharded"], "works with --ddp-backend")):
+                         (["--ddp-backend", "fully_sharded"], "works with --ddp-backend"),
+                         (["--use-bmuf"], "cannot be used with --use-bmuf")):
         with pytest.raises(AssertionError, match=error):
             train(zipf_data, tmp_path / "ck4", "--max-update", "2", "--bf16-weights", *flags)
