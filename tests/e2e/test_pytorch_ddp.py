@@ -84,9 +84,11 @@ BF16_SCRIPT = textwrap.dedent("""
             super().__init__()
             self.weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
             self.weight.param_group = "predictor"
+            self.fp32 = torch.nn.Parameter(torch.ones(2))  # stepped without a master
+            self.fp32.param_group = "predictor"
 
         def forward(self, c):
-            return self.weight * c
+            return self.weight.sum() * c + self.fp32.sum() * c
 
     # each rank's micro-batches. Their mean over ranks, 1 + 3 * 2^-9, is not a bf16 number
     # (bf16's step at 1 is 2^-7). In bf16, rank 0's first three sum to 1, and the mean
@@ -106,7 +108,7 @@ BF16_SCRIPT = textwrap.dedent("""
             wrapper = LegacyDistributedDataParallel(module, dist.group.WORLD)
         model = ModuleProxyWrapper(wrapper)  # what fairseq's trainer hands the task
         optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3]), list(module.parameters()))
-        (master,) = optimizer.params
+        master = next(p for p in optimizer.params if p.shape == (4,))
         for update in range(2):
             optimizer.zero_grad()
             terms = TERMS[rank]
@@ -114,11 +116,12 @@ BF16_SCRIPT = textwrap.dedent("""
                 last = i == len(terms) - 1
                 optimizer.reduce_gradients_of(model)
                 with contextlib.nullcontext() if last else model.no_sync():
-                    optimizer.backward(model(c).sum())
+                    optimizer.backward(model(c))
                 assert module.weight.grad is None  # folded into the master's fp32 one
             optimizer.all_reduce_grads(model)
             assert master.grad.dtype == torch.float32
             assert torch.equal(master.grad, torch.full((4,), 1 + 3 * 2.0**-9)), master.grad
+            assert torch.equal(module.fp32.grad, torch.full((2,), 1 + 3 * 2.0**-9))
             optimizer.step()
         both = [torch.empty(4) for _ in range(2)]
         dist.all_gather(both, master.detach())
