@@ -9,8 +9,9 @@ GPUs). Blocks are pre-LayerNorm, so two layers train stably without warm-up of t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import cpu_dropout
 
 
 class MaskerBlock(nn.Module):
@@ -40,10 +41,10 @@ class MaskerBlock(nn.Module):
         # (B, T, C) -> (B, heads, T, C / heads)
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
+        y = cpu_dropout.attention(q, k, v, attend, p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        x = x + F.dropout(self.out(y), p, self.training)
-        return x + F.dropout(self.ffn(self.ffn_norm(x)), p, self.training)
+        x = x + cpu_dropout.dropout(self.out(y), p, self.training)
+        return x + cpu_dropout.dropout(self.ffn(self.ffn_norm(x)), p, self.training)
 
 
 class Masker(nn.Module):

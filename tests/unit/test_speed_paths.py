@@ -74,6 +74,63 @@ def test_self_attention_matches_fairseqs_with_and_without_padding():
     assert weights is not None and torch.allclose(got, stock(x, x, x, pad)[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_is_an_unbiased_bernoulli_mask_reproducible_from_the_seed(dtype):
+    from amt_plugin.models import cpu_dropout
+
+    x = torch.ones(400, 500, dtype=dtype, requires_grad=True)
+    torch.manual_seed(3)
+    y = cpu_dropout.dropout(x, 0.1)
+    kept = y != 0
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert y.dtype == dtype and torch.equal(y[kept], torch.full_like(y[kept], scale))
+    # 200,000 draws: the kept share's standard deviation is 0.00067
+    assert abs(kept.float().mean().item() - 0.9) < 0.004
+    assert abs(y.float().mean().item() - 1.0) < 0.005  # the expectation is kept
+    # rows and columns alike: each of the four int16 lanes of a draw is uniform
+    for lane in range(4):
+        share = kept.flatten()[lane::4].float().mean().item()
+        assert abs(share - 0.9) < 0.008, lane
+    (y.float() * 2).sum().backward()  # the gradient goes through the kept elements only
+    assert torch.equal(x.grad, (kept * 2 * scale).to(dtype))
+    torch.manual_seed(3)
+    assert torch.equal(cpu_dropout.dropout(x, 0.1), y)  # the same seed, the same mask
+    assert cpu_dropout.dropout(x, 0.1, training=False) is x
+    assert cpu_dropout.dropout(x, 0.0) is x
+
+
+def test_cpu_attention_with_dropout_is_sdpas_attention():
+    from amt_plugin.models import cpu_dropout
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 8, dtype=torch.float64) for _ in range(3))
+    attend = torch.rand(3, 1, 1, 9) > 0.3
+    attend[..., 0] = True
+    for mask in (None, attend):
+        # p below 2^-17 drops nothing, but takes the written-out path
+        got = cpu_dropout.attention(q, k, v, mask, 1e-6)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.allclose(got, want, atol=1e-12)
+    # with dropout: a tenth of the attention weights dropped, the rest scaled up
+    ones = torch.ones(2, 1, 200, 1, dtype=torch.float64)
+    out = cpu_dropout.attention(ones, ones, torch.eye(200, dtype=torch.float64)
+                                .expand(2, 1, 200, 200), None, 0.1)
+    kept = out != 0
+    assert abs(kept.double().mean().item() - 0.9) < 0.01
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 200 / (1 - 0.1)),
+                          rtol=1e-4)
+
+
+def test_the_predictors_dropout_modules_are_the_cpu_ones():
+    from fairseq.modules import FairseqDropout
+
+    from amt_plugin.models.cpu_dropout import CPUDropout
+
+    _, model, _ = build()
+    dropouts = [m for m in model.modules() if isinstance(m, FairseqDropout)]
+    assert dropouts and all(type(m) is CPUDropout for m in dropouts)
+
+
 class OpDtypes(TorchDispatchMode):
     """aten op name -> list of the dtype of its first tensor argument."""
 
