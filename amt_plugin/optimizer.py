@@ -134,8 +134,13 @@ class AMTAdam(FairseqOptimizer):
                     master.param_group = role
                     self._masters.append((p, master))
                     role_params[i] = master
-        self._grad_buffer = None  # the masters' fp32 gradients, flat (one all-reduce)
-        self._master_grads = None  # their views, one per master
+        # the masters' fp32 gradients: one flat buffer (one all-reduce), viewed per master;
+        # kept across updates (zero_grad leaves it: each update's first copy overwrites it)
+        masters = [m for _, m in self._masters]
+        self._grad_buffer = torch.zeros(sum(m.numel() for m in masters), dtype=torch.float32,
+                                        device=masters[0].device if masters else None)
+        self._master_grads = [view.view_as(m) for view, m in zip(
+            self._grad_buffer.split([m.numel() for m in masters]), masters)]
         self._folded = [False] * len(self._masters)  # holds this update's gradient so far
         self._grads_in = False  # master gradients hold this update's (see _take_grads)
         lr = self._peak_lr
@@ -233,11 +238,7 @@ class AMTAdam(FairseqOptimizer):
     @torch.no_grad()
     def _fold_grads(self) -> None:
         """The bf16 parameters' gradients into their masters' fp32 ones, added to those of
-        this update's earlier micro-batches; the bf16 ones are then freed. The fp32 ones
-        are views of one flat buffer (one all-reduce under data parallelism), allocated once
-        and kept (zero_grad leaves them): the first micro-batch's copy overwrites them."""
-        if self._master_grads is None:
-            self._allocate_master_grads()
+        this update's earlier micro-batches; the bf16 ones are then freed."""
         copied, added = ([], []), ([], [])
         for i, (p, master) in enumerate(self._masters):
             if p.grad is None:
@@ -255,13 +256,6 @@ class AMTAdam(FairseqOptimizer):
             torch._foreach_copy_(*copied)
         if added[0]:
             torch._foreach_add_(*added)
-
-    def _allocate_master_grads(self) -> None:
-        masters = [m for _, m in self._masters]
-        self._grad_buffer = torch.zeros(sum(m.numel() for m in masters),
-                                        dtype=torch.float32, device=masters[0].device)
-        self._master_grads = [view.view_as(m) for view, m in zip(
-            self._grad_buffer.split([m.numel() for m in masters]), masters)]
 
     def _take_grads(self) -> None:
         """This update's gradients in the masters, before anything reads them (the trainer
