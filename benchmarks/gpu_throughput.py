@@ -18,16 +18,21 @@ Per shape (base = RoBERTa-base, small = amt_small's 12 x 256):
 
 Runs go in order of what they decide (PRIORITY): the stock rows; AMT with bf16 weights (the
 configs' precision) at both shapes (eager, quick to start), and at small shape, which the host
-bounds, the same compiled and under CUDA graphs; AMT bf16 autocast; at base, bf16 weights
-compiled; the other precision and compile variants;
-the random-masking rows (the masker's share); a profile of AMT bf16 at small and at base
-shape (benchmarks/step_profile.py: where the step's time goes, and how long the GPU waits
-for the host); the --fp16 rows; then the bf16-against-fp32 curves (--numerics). With
+bounds, the same under CUDA graphs and compiled without them; AMT bf16 autocast; at base,
+bf16 weights compiled; the other precision and compile variants; the random-masking rows
+(the masker's share); a profile of AMT bf16 weights at small and at base shape
+(benchmarks/step_profile.py: where the step's time goes, and how long the GPU waits for the
+host); the --fp16 rows; then the bf16-against-fp32 curves (--numerics). With
 --time-budget the script starts no run it has no time left for and reports those rows as
 skipped, so one short session on a GPU machine gets the decisive numbers first. Each row is
 printed as it is measured and written to --json.
 
-tokens/s is fairseq's `wps`, median over the logging windows after the first third; peak
+tokens/s is fairseq's `wps`, median over the logging windows after the first third; the
+train loss of the last window is the check that a faster row still trains the same model: the
+AMT rows with learned masking see the same data, seed and masker schedule, so their losses
+differ only as far as precision, kernels and the masks those steer apart; a row whose loss
+strays far from the eager bf16-weights row's computes something else (the stock and
+random-masking rows mask at random: their loss is not comparable with learned masking's); peak
 memory is torch.cuda.max_memory_allocated; MFU = tokens/s x training FLOPs per token / the
 card's dense bf16 peak (--peak-tflops, default 989: H100 SXM's data sheet); the next column
 divides by the dense bf16 rate a large matmul reaches on the card (--matmul-tflops, default
@@ -63,7 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # after every update (for its gb_free), so the peak is also read just before each reset.
 # For --torch-compile runs it also reports, at the end (nothing is logged while it measures
 # but recompiles, which are rare unless something is wrong), torch's compile counters: how
-# many graphs, recompiles and CUDA-graph skips there were.
+# many graphs, recompiles and CUDA-graph skips there were, with torch's performance hints
+# (why a graph was not replayed as a CUDA graph).
 LAUNCH = """
 import json, sys, torch
 from fairseq_cli.train import cli_main
@@ -74,7 +80,7 @@ def reset_after_reading(*args, **kwargs):
 torch.cuda.reset_peak_memory_stats = reset_after_reading
 compiled = "--torch-compile" in sys.argv
 if compiled:
-    torch._logging.set_logs(recompiles=True)
+    torch._logging.set_logs(recompiles=True, perf_hints=True)
 try:
     cli_main()
 finally:
@@ -130,23 +136,36 @@ def train(data: Path, flags: list[str], cpu: bool, timeout: int) -> str:
     return proc.stdout + proc.stderr
 
 
+# A number as fairseq's simple log prints it ("{:g}"): from a million on with an exponent,
+# e.g. wps=1.10675e+06.
+NUMBER = r"\d+(?:\.\d*)?(?:e[+-]?\d+)?"
+
+
 def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: int):
-    """(tokens/s, peak GiB, the run's log) of one run."""
+    """(tokens/s, peak GiB, the train loss of the last logging window, the run's log)."""
     log_every = max(1, updates // 12)
     out = train(data, ["--max-update", str(updates), "--no-save", "--disable-validation",
                        "--log-interval", str(log_every), *flags], cpu, timeout)
-    wps = [float(x) for x in re.findall(r"\| train_inner \|.* wps=([\d.]+)", out)] or \
-        [float(x) for x in re.findall(r"wps=([\d.]+)", out)]
+    wps, loss = steady_wps(out), parse_log(out, "train_inner", "loss")
+    peak = re.findall(r"PEAK_MEMORY_BYTES (\d+)", out)
+    return (wps, int(peak[-1]) / 2**30 if peak else float("nan"),
+            loss[-1][1] if loss else float("nan"), out)
+
+
+def steady_wps(out: str) -> float:
+    """fairseq's tokens/s in a training log: the median over the logging windows after the
+    first third (which hold the start-up and compiling)."""
+    wps = [float(x) for x in re.findall(rf"\| train_inner \|.* wps=({NUMBER})", out)] or \
+        [float(x) for x in re.findall(rf"wps=({NUMBER})", out)]
     if not wps:
         raise RuntimeError("no wps in the log:\n" + out[-2000:])
-    steady = wps[len(wps) // 3:] or wps
-    peak = re.findall(r"PEAK_MEMORY_BYTES (\d+)", out)
-    return statistics.median(steady), (int(peak[-1]) / 2**30 if peak else float("nan")), out
+    return statistics.median(wps[len(wps) // 3:] or wps)
 
 
 def compile_report(out: str) -> dict:
     """What torch.compile did in a --torch-compile run: its counters (graphs, recompiles,
-    CUDA-graph skips) and the first recompile reasons, from the run's log."""
+    CUDA-graph skips), the first recompile reasons and the CUDA-graph hints (skips and
+    re-recordings, with their reasons), from the run's log."""
     report = {}
     counters = re.findall(r"^COMPILE_COUNTERS (.*)$", out, flags=re.M)
     if counters:
@@ -156,6 +175,10 @@ def compile_report(out: str) -> dict:
                if marker in line]
     if reasons:
         report["recompiles"] = reasons[:20]
+    hints = [line.split("[__perf_hints]", 1)[1].strip()[:300] for line in out.splitlines()
+             if "[__perf_hints]" in line and "cudagraph" in line.lower()]
+    if hints:
+        report["cudagraph_hints"] = list(dict.fromkeys(hints))[:20]
     return report
 
 
@@ -164,13 +187,13 @@ KINDS = ("baseline", "fp16", "bf16", "synced", "bf16w", "compiled", "bf16w_compi
          "bf16w_cudagraphs", "random")
 # The stock rows first (every ratio needs them); then bf16 weights (the configs' precision:
 # amt_adam's fp32 master weights, no casts, half the bytes of autocast; eager, so quick to
-# start) at both shapes, and at small shape the same compiled and under CUDA graphs (the
-# small step is bound by the host's kernel launches); then bf16 autocast, and at base the
-# compiled bf16 weights; then the other variants (the --sync-grad-norm row: what the
-# sync-free update is worth).
+# start) at both shapes, and at small shape the same under CUDA graphs and compiled without
+# them (the small step is bound by the host's kernel launches); then bf16 autocast, and at
+# base the compiled bf16 weights; then the other variants (the --sync-grad-norm row: what
+# the sync-free update is worth).
 PRIORITY = [("base", "baseline"), ("small", "baseline"),
-            ("base", "bf16w"), ("small", "bf16w"), ("small", "bf16w_compiled"),
-            ("small", "bf16w_cudagraphs"),
+            ("base", "bf16w"), ("small", "bf16w"), ("small", "bf16w_cudagraphs"),
+            ("small", "bf16w_compiled"),
             ("base", "bf16"), ("small", "bf16"), ("base", "bf16w_compiled"),
             ("small", "synced"), ("small", "cudagraphs"), ("base", "compiled"),
             ("small", "compiled"), ("base", "cudagraphs"),
@@ -245,7 +268,7 @@ def measure(args, data: Path, cpu: bool, name: str, kind: str, clock: Clock) -> 
         row["error"] = "skipped: no time left in --time-budget"
         return row
     try:
-        wps, mem, out = throughput(data, common + flags, updates, cpu, timeout)
+        wps, mem, loss, out = throughput(data, common + flags, updates, cpu, timeout)
     except RuntimeError as e:
         row["error"] = str(e).strip().splitlines()[-1][:160] if str(e).strip() else "?"
         print(f"FAILED {label}:\n{e}", file=sys.stderr, flush=True)
@@ -255,13 +278,15 @@ def measure(args, data: Path, cpu: bool, name: str, kind: str, clock: Clock) -> 
         print(f"{label}, torch.compile: {json.dumps(row['compile'])[:2000]}", file=sys.stderr,
               flush=True)
     flops = flops_per_token(SHAPES[name], args.vocab, args.tokens, is_amt, True)
-    row.update(tokens_per_s=wps, peak_gib=mem, mfu=wps * flops / (args.peak_tflops * 1e12),
+    row.update(tokens_per_s=wps, peak_gib=mem, loss=loss,
+               mfu=wps * flops / (args.peak_tflops * 1e12),
                of_matmul_rate=wps * flops / (args.matmul_tflops * 1e12))
     return row
 
 
 def profile(args, data: Path, cpu: bool, name: str, clock: Clock) -> str:
-    """benchmarks/step_profile.py's tables for AMT bf16 at shape `name` (or why not)."""
+    """benchmarks/step_profile.py's tables for AMT bf16 weights (the configs' precision) at
+    shape `name` (or why not)."""
     timeout = clock.allowance(args.run_timeout)
     if timeout is None:
         return "skipped: no time left in --time-budget"
@@ -269,7 +294,7 @@ def profile(args, data: Path, cpu: bool, name: str, clock: Clock) -> str:
     try:
         proc = run_python([str(ROOT / "benchmarks" / "step_profile.py"), "--arch", ARCH[name],
                            "--batch", str(args.batch), "--tokens", str(args.tokens),
-                           "--data", str(data), *sizes], timeout)
+                           "--data", str(data), "--bf16-weights", *sizes], timeout)
     except RuntimeError as e:
         print(f"FAILED profile {name}:\n{e}", file=sys.stderr, flush=True)
         return f"failed: {(str(e).strip().splitlines() or ['?'])[-1][:160]}"
@@ -328,16 +353,17 @@ def run_all(args, data: Path, cpu: bool) -> dict:
 def print_table(rows: list[dict], header: str, args) -> None:
     print(f"\n{header}\n")
     print(f"| run | tokens/s | ratio to stock (same shape) | peak memory (GiB) | "
-          f"MFU (of {args.peak_tflops:g} TFLOP/s) | of {args.matmul_tflops:g} TFLOP/s |")
-    print("|---|---|---|---|---|---|")
+          f"MFU (of {args.peak_tflops:g} TFLOP/s) | of {args.matmul_tflops:g} TFLOP/s | "
+          f"train loss at the end (bits) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             status = r["error"] if r["error"].startswith("skipped") else f"failed: {r['error']}"
-            print(f"| {r['run']} | {status} | | | | |")
+            print(f"| {r['run']} | {status} | | | | | |")
             continue
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else "n/a"
         print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} | "
-              f"{100 * r['mfu']:.1f}% | {100 * r['of_matmul_rate']:.1f}% |")
+              f"{100 * r['mfu']:.1f}% | {100 * r['of_matmul_rate']:.1f}% | {r['loss']:.3f} |")
     for r in rows:
         if "masker_share" in r:
             print(f"\nmasker's share of step time, {r['shape']} shape, bf16: "
@@ -403,7 +429,7 @@ def parse_log(out: str, kind: str, key: str) -> list[tuple[int, float]]:
     for line in out.splitlines():
         if f"| {kind} |" not in line:
             continue
-        value = re.search(rf"(?<!\w){key}[ =]([\d.]+)", line)
+        value = re.search(rf"(?<!\w){key}[ =]({NUMBER})", line)
         update = re.search(r"num_updates[ =](\d+)", line)
         if value and update:
             pairs.append((int(update.group(1)), float(value.group(1))))
@@ -435,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numerics-bf16", choices=["autocast", "weights"], default="weights",
                    help="the bf16 run of --numerics: --bf16-autocast or --bf16-weights")
     p.add_argument("--profile", action="store_true",
-                   help="also profile AMT bf16 steps (benchmarks/step_profile.py) per shape")
+                   help="also profile AMT bf16-weights steps (benchmarks/step_profile.py) per "
+                   "shape")
     p.add_argument("--numerics-updates", type=int, help="default 300; smoke 8")
     p.add_argument("--numerics-arch", help="default amt_small; smoke amt_tiny")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -483,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         if n["max_gap"] is not None:
             print(f"\nlargest gap {n['max_gap']:.3f} bits, at the end {n['final_gap']:.3f}")
     for name, text in results.get("profiles", {}).items():
-        print(f"\nprofile, AMT bf16 at {name} shape (benchmarks/step_profile.py)\n\n{text}")
+        print(f"\nprofile, AMT bf16 weights at {name} shape (benchmarks/step_profile.py)\n\n{text}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     errors = [r.get("error", "") for r in results.get("throughput", [])]

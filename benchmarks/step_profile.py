@@ -1,11 +1,11 @@
 """Where an AMT training step spends its time, from torch.profiler over a few real steps.
 
     python benchmarks/step_profile.py --arch amt_small [--batch 64] [--tokens 512] [--steps 5]
-        [--data DIR] [--fp32 | --bf16-weights]
+        [--data DIR] [--fp32 | --bf16-weights] [--torch-compile [--torch-compile-mode M]]
 
-Runs the real `fairseq-train` in-process (bf16 autocast, or fp32, or bf16 weights; learned
-masking, the masker trained every update) and profiles `--steps` updates after `--warmup`
-updates. Prints:
+Runs the real `fairseq-train` in-process (bf16 autocast, or fp32, or bf16 weights; eager, or
+compiled with --torch-compile; learned masking, the masker trained every update) and profiles
+`--steps` updates after `--warmup` updates (compiling happens in the first). Prints:
 
 - wall time per update, and device-busy time per update (the kernels' summed time): the gap
   between the two is the time the GPU waits for the host;
@@ -35,7 +35,11 @@ SCOPES = ("forward", "masker", "predictor", "backward")
 
 
 def precision(args) -> str:
-    return "fp32" if args.fp32 else "bf16 weights" if args.bf16_weights else "bf16 autocast"
+    """The run's precision and compile mode, in words."""
+    words = "fp32" if args.fp32 else "bf16 weights" if args.bf16_weights else "bf16 autocast"
+    if args.torch_compile:
+        words += f", compiled ({args.torch_compile_mode} mode)"
+    return words
 
 
 def profile_steps(data: Path, args) -> tuple[torch.profiler.profile, float]:
@@ -80,6 +84,8 @@ def profile_steps(data: Path, args) -> tuple[torch.profiler.profile, float]:
             "--disable-validation", "--log-format", "none", "--seed", "1",
             "--num-workers", "2",
             *([] if args.fp32 else ["--bf16-weights" if args.bf16_weights else "--bf16-autocast"]),
+            *(["--torch-compile", "--torch-compile-mode", args.torch_compile_mode]
+              if args.torch_compile else []),
             *([] if cuda else ["--cpu"])]
     parser = options.get_training_parser()
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
@@ -144,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     precisions.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     precisions.add_argument("--bf16-weights", action="store_true",
                    help="bf16 weights (amt_adam's fp32 master weights) instead of autocast")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="compile the predictor's layers and the masker (the task's flag)")
+    p.add_argument("--torch-compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--data", type=Path, help="a fairseq data dir (default: a Zipf corpus)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU sizes: the script runs")
     args = p.parse_args(argv)

@@ -20,7 +20,8 @@ def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     lines = proc.stdout.splitlines()
     table = lines[lines.index("| run | tokens/s | ratio to stock (same shape) | "
-                              "peak memory (GiB) | MFU (of 989 TFLOP/s) | of 790 TFLOP/s |"):]
+                              "peak memory (GiB) | MFU (of 989 TFLOP/s) | of 790 TFLOP/s | "
+                              "train loss at the end (bits) |"):]
     rows = [line for line in table[2:] if line.startswith("| ")][:10]
     assert [r.split(" | ")[0] for r in rows] == [
         "| stock masked_lm tiny fp32", "| AMT amt_tiny fp32", "| AMT amt_tiny bf16",
@@ -31,6 +32,7 @@ def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
         "| AMT amt_tiny bf16, random masking (no masker)"]
     assert rows[0].split(" | ")[2] == "1.00x"
     assert not any("failed" in r for r in rows)
+    assert all(float(r.split(" | ")[6].rstrip(" |")) > 0 for r in rows)  # the last window's loss
     assert any(line.startswith("masker's share of step time, tiny shape") for line in lines)
     results = json.loads((tmp_path / "r.json").read_text())
     # each compiled row says what torch.compile did (graphs, recompiles, CUDA-graph skips)
@@ -57,7 +59,7 @@ def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
     assert len(results["throughput"]) == 10
     assert all(r["error"].startswith("skipped") for r in results["throughput"])
     assert all("skipped" in n["error"] for n in results["numerics"].values())
-    assert proc.stdout.count("| skipped: no time left in --time-budget | | | | |") == 10
+    assert proc.stdout.count("| skipped: no time left in --time-budget | | | | | |") == 10
 
 
 def test_host_overhead_script_counts_fewer_syncs_for_amt_than_stock():
@@ -88,3 +90,18 @@ def test_predictor_step_script_times_both_encoders_in_both_precisions():
             or line.startswith("| bf16")]
     assert [r[0] for r in rows] == ["| fp32", "| bf16"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_gpu_throughput_reads_fairseqs_numbers_above_a_million():
+    # fairseq's simple log prints numbers with "{:g}": from a million on with an exponent
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_throughput
+
+    log = "\n".join(
+        f"2026-11-27 06:01:{i:02d} | INFO | train_inner | epoch 001:     {10 * i} / 625 "
+        f"loss={loss}, ppl=1, wps={wps}, ups=33.8, wpb=32768, bsz=64, num_updates={10 * i}"
+        for i, (loss, wps) in enumerate([("14.46", "5172.3"), ("13.05", "1.10675e+06"),
+                                         ("12.1", "1.0905e+06"), ("11.362", "1.1e+06")], 1))
+    assert gpu_throughput.steady_wps(log) == 1.1e6  # the median after the first third
+    assert gpu_throughput.parse_log(log, "train_inner", "wps")[1] == (20, 1106750.0)
+    assert gpu_throughput.parse_log(log, "train_inner", "loss")[-1] == (40, 11.362)
