@@ -6,7 +6,8 @@ The task also owns the alternation's last step: `optimizer_step` steps only the 
 groups the criterion asked for in this update (the wav2vec-U pattern); and the step's
 precision and compilation: bf16 autocast around the forward (`--bf16-autocast`), a bf16
 model stepped through amt_adam's fp32 master weights (`--bf16-weights`), torch.compile of the blocks
-(`--torch-compile`, `--torch-compile-mode`, with the step marks CUDA graphs need).
+(`--torch-compile`, `--torch-compile-mode`, with the step marks CUDA graphs need, and
+`--pad-to-multiple` for the few batch shapes they want).
 """
 
 
@@ -67,6 +68,23 @@ class EveryBlockSortDataset(SortDataset):
             left_out = np.asarray(indices)[~np.isin(indices, batched)]
             batches = [*batches, left_out.astype(np.int64)]
         return batches
+
+
+class PadToMultipleDataset(RightPadDataset):
+    """RightPadDataset whose batches are padded to a length that is a multiple of `multiple`,
+    but not past `longest` (the block size) unless a block is longer: a handful of batch
+    shapes instead of one per length. torch.compile specializes on shapes, and under CUDA
+    graphs (--torch-compile-mode reduce-overhead) each new batch shape records new graphs."""
+
+    def __init__(self, dataset, pad_idx: int, multiple: int, longest: int) -> None:
+        super().__init__(dataset, pad_idx)
+        self.multiple, self.longest = multiple, longest
+
+    def collater(self, samples):
+        size = max(len(s) for s in samples)
+        length = min(-(-size // self.multiple) * self.multiple, max(size, self.longest))
+        return data_utils.collate_tokens(samples, self.pad_idx, left_pad=False,
+                                         pad_to_length=length)
 
 
 class MaskBudgetDataset(BaseWrapperDataset):
@@ -130,6 +148,13 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
                   "launch cost that bounds small shapes on GPUs (more GPU memory; no effect "
                   "on CPUs); max-autotune also searches kernel configurations (slow start)"},
     )
+    pad_to_multiple: int = field(
+        default=1,
+        metadata={"help": "pad each batch's length up to a multiple of this (not past "
+                  "--tokens-per-sample): a few batch shapes instead of one per length, for "
+                  "--torch-compile-mode reduce-overhead, whose CUDA graphs are recorded per "
+                  "shape. Costs the extra padding's compute"},
+    )
     word_boundaries: ChoiceEnum(["sentencepiece", "gpt2"]) = field(
         default="sentencepiece",
         metadata={"help": "how --mask-whole-words finds word starts in the dictionary: "
@@ -146,6 +171,8 @@ class AdversarialMaskedLMTask(MaskedLMTask):
     def __init__(self, cfg: AdversarialMaskedLMConfig, dictionary=None) -> None:
         if not 0.0 < cfg.mask_prob <= 1.0:
             raise ValueError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
+        if cfg.pad_to_multiple < 1:
+            raise ValueError(f"--pad-to-multiple must be 1 or more, got {cfg.pad_to_multiple}")
         if cfg.leave_unmasked_prob + cfg.random_token_prob > 1.0:
             raise ValueError(
                 "--leave-unmasked-prob + --random-token-prob must not exceed 1 "
@@ -222,6 +249,13 @@ class AdversarialMaskedLMTask(MaskedLMTask):
                     raise ValueError("--torch-compile on a GPU needs triton (pip install "
                                      "triton matching your torch), or leave the flag out")
             model.compile_blocks(self.cfg.torch_compile_mode)
+            if (self.cfg.torch_compile_mode in CUDA_GRAPH_MODES and torch.cuda.is_available()
+                    and self.cfg.pad_to_multiple == 1 and self.cfg.sample_break_mode != "none"):
+                logger.warning(
+                    "--torch-compile-mode %s records CUDA graphs for every batch shape, and "
+                    "--sample-break-mode %s makes batches of many lengths: pass "
+                    "--pad-to-multiple (e.g. 32) to pad them to a few",
+                    self.cfg.torch_compile_mode, self.cfg.sample_break_mode)
         return model
 
     def _begin_step(self, model) -> None:
@@ -252,7 +286,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             {
                 "id": IdDataset(),
                 "net_input": {
-                    "src_tokens": RightPadDataset(src, pad_idx=self.dictionary.pad()),
+                    "src_tokens": self._padded(src),
                     "src_lengths": NumelDataset(src, reduce=False),
                 },
                 "nsentences": NumSamplesDataset(),
@@ -263,6 +297,13 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             sizes=[src.sizes],
         )
         self.datasets[split] = EveryBlockSortDataset(dataset, sort_order=[shuffle, src.sizes])
+
+    def _padded(self, src) -> RightPadDataset:
+        """src's blocks right-padded into batches, to a multiple of --pad-to-multiple."""
+        if self.cfg.pad_to_multiple == 1:
+            return RightPadDataset(src, pad_idx=self.dictionary.pad())
+        return PadToMultipleDataset(src, self.dictionary.pad(), self.cfg.pad_to_multiple,
+                                    self.cfg.tokens_per_sample)
 
     def autocast(self, model, optimizer=None):
         """The forward pass's precision: bf16 autocast if asked, fp16 autocast under --amp

@@ -15,7 +15,10 @@ def test_compiled_training_follows_eager_and_saves_the_same_checkpoint(zipf_data
              "--attention-dropout", "0", "--log-interval", "4", "--save-interval-updates",
              "12", "--disable-validation"]
     eager = train(zipf_data, tmp_path / "eager", *flags)
-    compiled = train(zipf_data, tmp_path / "compiled", *flags, "--torch-compile")
+    # blocks of 64 (--sample-break-mode none) are already a multiple of 16: the flag pads
+    # nothing here, and the run must agree with eager all the same
+    compiled = train(zipf_data, tmp_path / "compiled", *flags, "--torch-compile",
+                     "--pad-to-multiple", "16")
     # same data, seed and masks: the losses agree up to kernel fusion's rounding
     for a, b in zip(json_logs(eager.stdout, "train_inner"),
                     json_logs(compiled.stdout, "train_inner"), strict=True):
@@ -36,3 +39,28 @@ def test_compiled_training_follows_eager_and_saves_the_same_checkpoint(zipf_data
     assert model.masker._compiled_call_impl is None  # ... but loading does not compile
     assert all(layer._compiled_call_impl is None
                for layer in model.encoder.sentence_encoder.layers)
+
+
+def test_pad_to_multiple_leaves_a_few_batch_shapes(zipf_data):
+    # sentences packed whole (--sample-break-mode complete) make batches of many lengths;
+    # compiled graphs and CUDA graphs are made per shape
+    from amt_plugin.tasks.adversarial_masked_lm import (
+        AdversarialMaskedLMConfig,
+        AdversarialMaskedLMTask,
+    )
+
+    lengths, tokens = {}, {}
+    for multiple in (1, 16):
+        task = AdversarialMaskedLMTask.setup_task(AdversarialMaskedLMConfig(
+            data=str(zipf_data), tokens_per_sample=64, seed=1, sample_break_mode="complete",
+            pad_to_multiple=multiple))
+        task.load_dataset("train")
+        batches = task.get_batch_iterator(task.dataset("train"), max_sentences=16,
+                                          seed=1).next_epoch_itr(shuffle=False)
+        lengths[multiple], tokens[multiple] = set(), 0
+        for batch in batches:
+            lengths[multiple].add(batch["net_input"]["src_tokens"].size(1))
+            tokens[multiple] += batch["ntokens"]
+    assert len(lengths[1]) > 8 and max(lengths[1]) <= 64
+    assert lengths[16] <= {16, 32, 48, 64}
+    assert tokens[16] == tokens[1]  # the same blocks, only padded further

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fairseq import utils
+from fairseq.data import RightPadDataset
 from fairseq.models.roberta.model import RobertaEncoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -182,6 +183,45 @@ def test_padding_hint_changes_nothing_but_the_work():
     assert torch.allclose(model.masker(tokens, padded=False), model.masker(tokens), atol=1e-5)
     padded = make_sample(task)["net_input"]["src_tokens"]  # row 0 is padded
     assert torch.allclose(model(padded, padded=True)[0], model(padded)[0], atol=1e-6)
+
+
+def test_pad_to_multiple_pads_batches_to_a_few_lengths_and_changes_no_real_position():
+    # --pad-to-multiple: a few batch shapes for compiled graphs and CUDA graphs (recorded per
+    # shape), never past the block size, and the padding changes no real position's output
+    from amt_plugin.tasks.adversarial_masked_lm import (
+        AdversarialMaskedLMConfig,
+        AdversarialMaskedLMTask,
+        PadToMultipleDataset,
+    )
+
+    task, model, _ = build()
+    pad = task.source_dictionary.pad()
+    blocks = [torch.arange(4, 4 + n) for n in (5, 3, 17, 33, 40, 9)]
+    padded = PadToMultipleDataset(blocks, pad, multiple=16, longest=40)
+    lengths = {(0, 1): 16, (2,): 32, (0, 2): 32, (3,): 40, (4,): 40}  # 33 -> 40, not 48
+    for rows, length in lengths.items():
+        batch = padded.collater([blocks[i] for i in rows])
+        assert batch.shape == (len(rows), length)
+        for row, i in zip(batch, rows):
+            assert torch.equal(row[:len(blocks[i])], blocks[i])
+            assert row[len(blocks[i]):].eq(pad).all()
+    assert PadToMultipleDataset(blocks, pad, 8, 40).collater([blocks[5]]).shape == (1, 16)
+
+    model.eval()
+    tokens = make_sample(task)["net_input"]["src_tokens"][:, :20].clone()
+    tokens[:, -1] = task.source_dictionary.eos()
+    longer = PadToMultipleDataset(list(tokens), pad, 16, 32).collater(list(tokens))
+    assert longer.shape == (8, 32)
+    assert torch.allclose(model(longer)[0][:, :20], model(tokens)[0], atol=1e-5)
+    assert torch.allclose(model.masker(longer)[:, :20], model.masker(tokens), atol=1e-5)
+
+    plain = task._padded(blocks)  # the default, 1: fairseq's padding to the longest block
+    assert isinstance(plain, RightPadDataset) and not isinstance(plain, PadToMultipleDataset)
+    task.cfg.pad_to_multiple = 16
+    assert isinstance(task._padded(blocks), PadToMultipleDataset)
+    with pytest.raises(ValueError, match="--pad-to-multiple"):
+        AdversarialMaskedLMTask(AdversarialMaskedLMConfig(data="unused", pad_to_multiple=0),
+                                task.source_dictionary)
 
 
 class SyncCounter(TorchDispatchMode):
