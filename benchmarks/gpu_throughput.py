@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from zipf_corpus import make_corpus
@@ -376,7 +377,8 @@ def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
     Under random masking both runs see the same masks, so their train losses differ only by
     precision. Under learned masking the two maskers soon choose differently and their train
     losses are losses on different masks; the comparable curve there is the fixed-mask
-    validation loss (`fixed_mask_loss`), at five points.
+    validation loss (`fixed_mask_loss`), at five points. The four runs are independent and
+    time nothing: on a GPU they run side by side.
     """
     updates = args.numerics_updates
     flags = ["--user-dir", str(ROOT / "amt_plugin"), "--task", "adversarial_masked_lm",
@@ -390,29 +392,43 @@ def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
              "--no-save", "--log-interval", str(max(1, updates // 20)),
              "--validate-interval-updates", str(max(1, updates // 5)),
              "--validate-interval", "1000"]
+    bf16 = ["--bf16-weights"] if args.numerics_bf16 == "weights" else ["--bf16-autocast"]
+    runs = [(strategy, precision, [*flags, "--masking-strategy", strategy, *extra])
+            for strategy in ("random", "learned") for precision, extra in (("fp32", []),
+                                                                           ("bf16", bf16))]
+
+    def one(run) -> str | RuntimeError:
+        strategy, precision, argv = run
+        timeout = clock.allowance(args.run_timeout)
+        try:
+            if timeout is None:
+                raise RuntimeError("skipped: no time left in --time-budget")
+            out = train(data, argv, cpu, timeout)
+        except RuntimeError as e:
+            if timeout is not None:  # a skip is reported in the results, not as a failure
+                print(f"FAILED numerics {strategy} {precision}:\n{e}", file=sys.stderr,
+                      flush=True)
+            return e
+        print(f"numerics, {strategy} masking, {precision}: done", flush=True)
+        return out
+
+    # The four runs time nothing, so on a GPU, which the host bounds at this size, they run
+    # side by side (--numerics-jobs; a quarter of the wall time), on a CPU one after another.
+    with ThreadPoolExecutor(max_workers=args.numerics_jobs or (1 if cpu else len(runs))) as pool:
+        outs = dict(zip([(strategy, precision) for strategy, precision, _ in runs],
+                        pool.map(one, runs)))
     result = {}
     for strategy, key, kind in (("random", "loss", "train_inner"),
                                 ("learned", "fixed_mask_loss", "valid")):
-        curves = {}
-        bf16 = ["--bf16-weights"] if args.numerics_bf16 == "weights" else ["--bf16-autocast"]
-        for precision, extra in (("fp32", []), ("bf16", bf16)):
-            timeout = clock.allowance(args.run_timeout)
-            try:
-                if timeout is None:
-                    raise RuntimeError("skipped: no time left in --time-budget")
-                out = train(data, [*flags, "--masking-strategy", strategy, *extra], cpu,
-                            timeout)
-            except RuntimeError as e:
-                if timeout is not None:  # a skip is reported in the results, not as a failure
-                    print(f"FAILED numerics {strategy} {precision}:\n{e}", file=sys.stderr,
-                          flush=True)
-                result[strategy] = {"metric": f"{kind} {key}",
-                                    "error": f"{precision}: {str(e).splitlines()[-1][:160]}"}
-                break
-            curves[precision] = dict(parse_log(out, kind, key))
-            print(f"numerics, {strategy} masking, {precision}: done", flush=True)
-        if strategy in result:
+        failed = [(precision, outs[strategy, precision]) for precision in ("fp32", "bf16")
+                  if isinstance(outs[strategy, precision], RuntimeError)]
+        if failed:
+            precision, e = failed[0]
+            result[strategy] = {"metric": f"{kind} {key}",
+                                "error": f"{precision}: {str(e).splitlines()[-1][:160]}"}
             continue
+        curves = {precision: dict(parse_log(outs[strategy, precision], kind, key))
+                  for precision in ("fp32", "bf16")}
         steps = sorted(set(curves["fp32"]) & set(curves["bf16"]))
         gaps = [abs(curves["fp32"][u] - curves["bf16"][u]) for u in steps]
         result[strategy] = {
@@ -465,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                    "shape")
     p.add_argument("--numerics-updates", type=int, help="default 300; smoke 8")
     p.add_argument("--numerics-arch", help="default amt_small; smoke amt_tiny")
+    p.add_argument("--numerics-jobs", type=int,
+                   help="numerics runs at once (default: all four on a GPU, one on a CPU)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--corpus-dir", type=Path,
                    help="make the corpus here and keep it, or reuse the one an earlier run "

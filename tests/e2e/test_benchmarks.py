@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"),
                            "--smoke", "--numerics", "--profile",
+                           "--numerics-jobs", "4",  # side by side, as on a GPU
                            "--json", str(tmp_path / "r.json")],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=ENV, timeout=900)
