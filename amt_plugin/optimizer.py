@@ -227,6 +227,12 @@ class AMTAdam(FairseqOptimizer):
             torch._foreach_copy_([p for p, _ in self._masters], [m for _, m in self._masters])
 
     @property
+    def has_folded_grads(self) -> bool:
+        """Whether a backward of this update has already been taken into the masters' fp32
+        gradients (bf16 weights; the next backward is then a further micro-batch)."""
+        return any(self._folded)
+
+    @property
     def fused(self) -> bool:
         return bool(self._optimizer.defaults.get("fused"))
 

@@ -48,6 +48,8 @@ MASKING_STRATEGIES = ["learned", "random", "span", "frequency"]
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}  # torch.compile modes with CUDA graphs
+_NO_ACCUMULATION = ("--torch-compile-mode {mode} (CUDA graphs) cannot accumulate gradients over "
+                    "micro-batches: use --update-freq 1, or --torch-compile-mode default")
 
 
 class EveryBlockSortDataset(SortDataset):
@@ -188,9 +190,13 @@ class AdversarialMaskedLMTask(MaskedLMTask):
     def setup_task(cls, cfg: AdversarialMaskedLMConfig, **kwargs):
         if cfg.bf16_weights and not kwargs.get("from_checkpoint"):
             check_bf16_weights(cfg)
+        optimization = run_config(cfg, "optimization")
+        update_freq = list(getattr(optimization, "update_freq", None) or [1])
+        if (cfg.torch_compile and cfg.torch_compile_mode in CUDA_GRAPH_MODES
+                and not kwargs.get("from_checkpoint") and max(update_freq) > 1):
+            raise ValueError(_NO_ACCUMULATION.format(mode=cfg.torch_compile_mode))
         task = super().setup_task(cfg, **kwargs)
         # the run's --clip-norm, for clipping per role under FP16Optimizer (see train_step)
-        optimization = run_config(cfg, "optimization")
         task._clip_norm = float(getattr(optimization, "clip_norm", 0.0) or 0.0)
         return task
 
@@ -258,24 +264,25 @@ class AdversarialMaskedLMTask(MaskedLMTask):
                     self.cfg.torch_compile_mode, self.cfg.sample_break_mode)
         return model
 
-    def _begin_step(self, model) -> None:
+    def _begin_step(self, model, optimizer) -> None:
         """Under CUDA graphs (--torch-compile-mode reduce-overhead / max-autotune on a GPU),
         tell torch that a new training step begins: the graphs then reuse the buffers of the
         previous step's outputs, which no one holds any more (the trainer has stepped and
-        logged)."""
+        logged). setup_task refuses --update-freq > 1; this catches a second micro-batch
+        however it comes (fairseq's trainer also splits a batch that runs out of memory)."""
         if not (self.cfg.torch_compile and self.cfg.torch_compile_mode in CUDA_GRAPH_MODES):
             return
         first = next(model.parameters())
         if not first.is_cuda:
             return
-        if first.grad is not None:
-            # the parameter gradients live in the graphs' output buffers, which the next
-            # micro-batch's replay overwrites: accumulation would silently go wrong
-            raise ValueError(
-                f"--torch-compile-mode {self.cfg.torch_compile_mode} (CUDA graphs) cannot "
-                "accumulate gradients over micro-batches: use --update-freq 1, or "
-                "--torch-compile-mode default"
-            )
+        # This update already has gradients: in the parameters (they live in the graphs'
+        # output buffers, which the next replay overwrites: accumulation would silently go
+        # wrong), or, with --bf16-weights, already taken into amt_adam's masters. That case
+        # is refused too: every other output of the earlier micro-batch's replays would be
+        # overwritten as well, and accumulating under CUDA graphs has never been checked.
+        if first.grad is not None or (isinstance(optimizer, AMTAdam)
+                                      and optimizer.has_folded_grads):
+            raise ValueError(_NO_ACCUMULATION.format(mode=self.cfg.torch_compile_mode))
         torch.compiler.cudagraph_mark_step_begin()
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
@@ -327,7 +334,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             self.groups_to_step = criterion.groups_to_step(update_num)
         model.train()
         model.set_num_updates(update_num)
-        self._begin_step(model)
+        self._begin_step(model, optimizer)
         fp32_optimizer = getattr(optimizer, "fp32_optimizer", None)
         if isinstance(optimizer, FP16Optimizer) and isinstance(fp32_optimizer, AMTAdam):
             # fairseq's FP16Optimizer clips all roles jointly: let amt_adam clip each role

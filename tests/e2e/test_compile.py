@@ -64,3 +64,11 @@ def test_pad_to_multiple_leaves_a_few_batch_shapes(zipf_data):
     assert len(lengths[1]) > 8 and max(lengths[1]) <= 64
     assert lengths[16] <= {16, 32, 48, 64}
     assert tokens[16] == tokens[1]  # the same blocks, only padded further
+
+
+def test_cuda_graphs_refuse_gradient_accumulation_at_start_up(zipf_data, tmp_path):
+    # each replay overwrites the last one's outputs, the gradients among them: refused before
+    # any training (on a CPU too, where the mode has no graphs: the run is meant for a GPU)
+    with pytest.raises(AssertionError, match="cannot accumulate gradients over micro-batches"):
+        train(zipf_data, tmp_path / "ck", "--max-update", "2", "--torch-compile",
+              "--torch-compile-mode", "reduce-overhead", "--update-freq", "2")

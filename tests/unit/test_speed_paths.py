@@ -625,7 +625,9 @@ def test_bf16_weights_sum_micro_batches_in_fp32():
     optimizer = AMTAdam(AMTAdamConfig(lr=[1e-3]), [weight])
     for _ in range(2):  # the second update starts afresh
         optimizer.zero_grad()
-        for c in (1.0, 2.0**-9, 2.0**-9):
+        for i, c in enumerate((1.0, 2.0**-9, 2.0**-9)):
+            # what the task checks before a micro-batch under CUDA graphs
+            assert optimizer.has_folded_grads == (i > 0)
             optimizer.backward((weight * c).sum())
         norm = optimizer.clip_grad_norm(0.0)
         expected = 1.0 + 2.0**-8
