@@ -3,6 +3,7 @@ and whether bf16 training tracks fp32.
 
     python benchmarks/gpu_throughput.py [--updates 120] [--batch 64] [--tokens 512]
     python benchmarks/gpu_throughput.py --numerics [--numerics-updates 300]
+    python benchmarks/gpu_throughput.py --numerics-only --numerics-compare cudagraphs
     python benchmarks/gpu_throughput.py --smoke      # CPU, tiny shapes: checks the script runs
 
 Every run is the real `python -m fairseq_cli.train` on the same synthetic Zipf corpus (30k-word
@@ -22,7 +23,7 @@ bounds, the same under CUDA graphs and compiled without them; AMT bf16 autocast;
 bf16 weights compiled; the other precision and compile variants; the random-masking rows
 (the masker's share); a profile of AMT bf16 weights at small and at base shape
 (benchmarks/step_profile.py: where the step's time goes, and how long the GPU waits for the
-host); the --fp16 rows; then the bf16-against-fp32 curves (--numerics). With
+host); the --fp16 rows; then the curves of --numerics (bf16 against fp32). With
 --time-budget the script starts no run it has no time left for and reports those rows as
 skipped, so one short session on a GPU machine gets the decisive numbers first. Each row is
 printed as it is measured and written to --json.
@@ -45,7 +46,10 @@ and the others go on.
 --numerics trains amt_small in fp32 and in bf16 (--bf16-weights, the configs' precision, or
 --bf16-autocast with --numerics-bf16 autocast) on the same data and seed (dropout off), under
 random masking (train loss: the same masks in both runs) and learned masking (fixed-mask
-validation loss), and prints the curves and the largest gap, in bits.
+validation loss), and prints the curves and the largest gap, in bits. With
+--numerics-compare cudagraphs the two runs are that bf16 eager and the same under CUDA graphs
+(--torch-compile --torch-compile-mode reduce-overhead): whether replaying graphs trains the
+same model over a few hundred updates, masker included, not only one step (the unit tests).
 """
 
 from __future__ import annotations
@@ -203,6 +207,9 @@ PRIORITY = [("base", "baseline"), ("small", "baseline"),
             ("base", "profile"), ("base", "fp16"), ("small", "fp16"), "numerics"]
 
 
+CUDA_GRAPHS = ["--torch-compile", "--torch-compile-mode", "reduce-overhead"]
+
+
 def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str, list, bool]:
     """(label, flags, is_amt) of one row: `kind` of KINDS at shape `name`."""
     arch = ARCH[name]
@@ -228,11 +235,8 @@ def row_spec(name: str, kind: str, half: list[str], amt: list[str]) -> tuple[str
         "bf16w_compiled": (f"AMT {arch} bf16 weights compiled",
                            [*bf16w, "--torch-compile"], True),
         "bf16w_cudagraphs": (f"AMT {arch} bf16 weights compiled, CUDA graphs",
-                             [*bf16w, "--torch-compile", "--torch-compile-mode",
-                              "reduce-overhead"], True),
-        "cudagraphs": (f"AMT {arch} bf16 compiled, CUDA graphs",
-                       [*bf16, "--torch-compile", "--torch-compile-mode", "reduce-overhead"],
-                       True),
+                             [*bf16w, *CUDA_GRAPHS], True),
+        "cudagraphs": (f"AMT {arch} bf16 compiled, CUDA graphs", [*bf16, *CUDA_GRAPHS], True),
         "random": (f"AMT {arch} bf16, random masking (no masker)",
                    [*bf16, "--masking-strategy", "random"], False),
     }[kind]
@@ -371,14 +375,25 @@ def print_table(rows: list[dict], header: str, args) -> None:
                   f"{100 * r['masker_share']:.1f}%")
 
 
+def numerics_pair(args) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
+    """The two runs --numerics compares, as (label, flags): the reference, then the candidate.
+    --numerics-compare precision: fp32 against bf16; cudagraphs: bf16 eager against bf16
+    under CUDA graphs."""
+    bf16 = ["--bf16-weights"] if args.numerics_bf16 == "weights" else ["--bf16-autocast"]
+    if args.numerics_compare == "cudagraphs":
+        return ("eager", bf16), ("cudagraphs", [*bf16, *CUDA_GRAPHS])
+    return ("fp32", []), ("bf16", bf16)
+
+
 def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
-    """fp32 against bf16 on the same data and seed, in bits.
+    """The reference run against the candidate (numerics_pair) on the same data and seed,
+    in bits.
 
     Under random masking both runs see the same masks, so their train losses differ only by
-    precision. Under learned masking the two maskers soon choose differently and their train
-    losses are losses on different masks; the comparable curve there is the fixed-mask
-    validation loss (`fixed_mask_loss`), at five points. The four runs are independent and
-    time nothing: on a GPU they run side by side.
+    precision or kernels. Under learned masking the two maskers soon choose differently and
+    their train losses are losses on different masks; the comparable curve there is the
+    fixed-mask validation loss (`fixed_mask_loss`), at five points. The four runs are
+    independent and time nothing: on a GPU they run side by side.
     """
     updates = args.numerics_updates
     flags = ["--user-dir", str(ROOT / "amt_plugin"), "--task", "adversarial_masked_lm",
@@ -392,13 +407,13 @@ def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
              "--no-save", "--log-interval", str(max(1, updates // 20)),
              "--validate-interval-updates", str(max(1, updates // 5)),
              "--validate-interval", "1000"]
-    bf16 = ["--bf16-weights"] if args.numerics_bf16 == "weights" else ["--bf16-autocast"]
-    runs = [(strategy, precision, [*flags, "--masking-strategy", strategy, *extra])
-            for strategy in ("random", "learned") for precision, extra in (("fp32", []),
-                                                                           ("bf16", bf16))]
+    pair = numerics_pair(args)
+    labels = [label for label, _ in pair]
+    runs = [(strategy, label, [*flags, "--masking-strategy", strategy, *extra])
+            for strategy in ("random", "learned") for label, extra in pair]
 
     def one(run) -> str | RuntimeError:
-        strategy, precision, argv = run
+        strategy, label, argv = run
         timeout = clock.allowance(args.run_timeout)
         try:
             if timeout is None:
@@ -406,36 +421,36 @@ def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
             out = train(data, argv, cpu, timeout)
         except RuntimeError as e:
             if timeout is not None:  # a skip is reported in the results, not as a failure
-                print(f"FAILED numerics {strategy} {precision}:\n{e}", file=sys.stderr,
+                print(f"FAILED numerics {strategy} {label}:\n{e}", file=sys.stderr,
                       flush=True)
             return e
-        print(f"numerics, {strategy} masking, {precision}: done", flush=True)
+        print(f"numerics, {strategy} masking, {label}: done", flush=True)
         return out
 
     # The four runs time nothing, so on a GPU, which the host bounds at this size, they run
     # side by side (--numerics-jobs; a quarter of the wall time), on a CPU one after another.
     with ThreadPoolExecutor(max_workers=args.numerics_jobs or (1 if cpu else len(runs))) as pool:
-        outs = dict(zip([(strategy, precision) for strategy, precision, _ in runs],
+        outs = dict(zip([(strategy, label) for strategy, label, _ in runs],
                         pool.map(one, runs)))
     result = {}
     for strategy, key, kind in (("random", "loss", "train_inner"),
                                 ("learned", "fixed_mask_loss", "valid")):
-        failed = [(precision, outs[strategy, precision]) for precision in ("fp32", "bf16")
-                  if isinstance(outs[strategy, precision], RuntimeError)]
+        failed = [(label, outs[strategy, label]) for label in labels
+                  if isinstance(outs[strategy, label], RuntimeError)]
         if failed:
-            precision, e = failed[0]
-            result[strategy] = {"metric": f"{kind} {key}",
-                                "error": f"{precision}: {str(e).splitlines()[-1][:160]}"}
+            label, e = failed[0]
+            result[strategy] = {"metric": f"{kind} {key}", "runs": labels,
+                                "error": f"{label}: {str(e).splitlines()[-1][:160]}"}
             continue
-        curves = {precision: dict(parse_log(outs[strategy, precision], kind, key))
-                  for precision in ("fp32", "bf16")}
-        steps = sorted(set(curves["fp32"]) & set(curves["bf16"]))
-        gaps = [abs(curves["fp32"][u] - curves["bf16"][u]) for u in steps]
+        curves = {label: dict(parse_log(outs[strategy, label], kind, key)) for label in labels}
+        steps = sorted(set(curves[labels[0]]) & set(curves[labels[1]]))
+        gaps = [abs(curves[labels[0]][u] - curves[labels[1]][u]) for u in steps]
         result[strategy] = {
-            "metric": f"{kind} {key}", "updates": steps,
-            "fp32": [curves["fp32"][u] for u in steps],
-            "bf16": [curves["bf16"][u] for u in steps],
+            "metric": f"{kind} {key}", "runs": labels, "updates": steps,
+            **{label: [curves[label][u] for u in steps] for label in labels},
             "max_gap": max(gaps) if gaps else None, "final_gap": gaps[-1] if gaps else None}
+        if "--torch-compile" in pair[1][1]:
+            result[strategy]["compile"] = compile_report(outs[strategy, labels[1]])
     return result
 
 
@@ -472,10 +487,15 @@ def main(argv: list[str] | None = None) -> int:
                    "(most decisive first; see the module docstring)")
     p.add_argument("--run-timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--numerics", action="store_true",
-                   help="also train fp32 against bf16 and compare the loss curves")
+                   help="also train fp32 against bf16 (see --numerics-compare) and compare "
+                   "the loss curves")
     p.add_argument("--numerics-only", action="store_true")
     p.add_argument("--numerics-bf16", choices=["autocast", "weights"], default="weights",
                    help="the bf16 run of --numerics: --bf16-autocast or --bf16-weights")
+    p.add_argument("--numerics-compare", choices=["precision", "cudagraphs"],
+                   default="precision",
+                   help="what --numerics compares: fp32 against bf16 (precision), or bf16 "
+                   "eager against bf16 under CUDA graphs (cudagraphs)")
     p.add_argument("--profile", action="store_true",
                    help="also profile AMT bf16-weights steps (benchmarks/step_profile.py) per "
                    "shape")
@@ -516,14 +536,18 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results["throughput"], f"{device}, {args.batch} x {args.tokens} tokens "
                     f"per update, {args.updates} updates per run (small shape: twice)", args)
     arch = args.numerics_arch
+    compared = f"bf16 ({args.numerics_bf16}) against fp32" \
+        if args.numerics_compare == "precision" else \
+        f"CUDA graphs against eager, both bf16 ({args.numerics_bf16})"
     for strategy, n in results.get("numerics", {}).items():
-        print(f"\nbf16 ({args.numerics_bf16}) against fp32, {arch}, {strategy} masking, "
-              f"{args.numerics_updates} updates, same data and seed: {n['metric']} (bits)\n")
+        print(f"\n{compared}, {arch}, {strategy} masking, {args.numerics_updates} updates, "
+              f"same data and seed: {n['metric']} (bits)\n")
         if "error" in n:
             print(f"not measured: {n['error']}")
             continue
-        print("| update | fp32 | bf16 |\n|---|---|---|")
-        for u, a, b in zip(n["updates"], n["fp32"], n["bf16"]):
+        reference, candidate = n["runs"]
+        print(f"| update | {reference} | {candidate} |\n|---|---|---|")
+        for u, a, b in zip(n["updates"], n[reference], n[candidate]):
             print(f"| {u} | {a:.3f} | {b:.3f} |")
         if n["max_gap"] is not None:
             print(f"\nlargest gap {n['max_gap']:.3f} bits, at the end {n['final_gap']:.3f}")

@@ -49,6 +49,27 @@ def test_gpu_throughput_script_smoke_run_prints_its_tables(tmp_path):
     assert "| op (most host time) |" in proc.stdout
 
 
+def test_gpu_throughput_numerics_compare_cuda_graphs_with_eager(tmp_path):
+    # on a CPU --torch-compile-mode reduce-overhead compiles without replaying graphs: this
+    # checks the comparison's plumbing and that compiled training tracks eager's
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"),
+                           "--smoke", "--numerics-only", "--numerics-compare", "cudagraphs",
+                           "--numerics-jobs", "2", "--json", str(tmp_path / "r.json")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "CUDA graphs against eager, both bf16 (weights), amt_tiny, random masking" \
+        in proc.stdout
+    assert "| update | eager | cudagraphs |" in proc.stdout
+    results = json.loads((tmp_path / "r.json").read_text())["numerics"]
+    for strategy in ("random", "learned"):
+        n = results[strategy]
+        assert n["runs"] == ["eager", "cudagraphs"] and len(n["cudagraphs"]) >= 4
+        assert n["compile"]["counters"]["stats"]["unique_graphs"] > 0  # it did compile
+        assert n["max_gap"] < 0.05, n  # bits; fused kernels round differently, no more
+    assert results["learned"]["compile"]["counters"]["stats"]["unique_graphs"] == 3
+
+
 def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"),
                            "--smoke", "--numerics", "--time-budget", "0",
