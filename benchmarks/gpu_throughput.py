@@ -44,7 +44,8 @@ masker (forward on every update, backward when it trains). The masker's share of
 and the others go on.
 
 --numerics trains amt_small in fp32 and in bf16 (--bf16-weights, the configs' precision, or
---bf16-autocast with --numerics-bf16 autocast) on the same data and seed (dropout off), under
+--bf16-autocast with --numerics-bf16 autocast) on the same data and seed (dropout off; the
+Zipf corpus, or with --numerics-data a binarized real one, such as run.sh's), under
 random masking (train loss: the same masks in both runs) and learned masking (fixed-mask
 validation loss), and prints the curves and the largest gap, in bits. With
 --numerics-compare cudagraphs the two runs are that bf16 eager and the same under CUDA graphs
@@ -337,7 +338,7 @@ def run_all(args, data: Path, cpu: bool) -> dict:
     results: dict = {"throughput": []}
     for job in plan:
         if job == "numerics":
-            results["numerics"] = numerics(args, data, cpu, clock)
+            results["numerics"] = numerics(args, args.numerics_data or data, cpu, clock)
         elif job[1] == "profile":
             results.setdefault("profiles", {})[job[0]] = profile(args, data, cpu, job[0], clock)
             print(f"profile {job[0]}: done", flush=True)
@@ -445,8 +446,10 @@ def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
         curves = {label: dict(parse_log(outs[strategy, label], kind, key)) for label in labels}
         steps = sorted(set(curves[labels[0]]) & set(curves[labels[1]]))
         gaps = [abs(curves[labels[0]][u] - curves[labels[1]][u]) for u in steps]
+        types = re.search(r"dictionary: (\d+) types", outs[strategy, labels[0]])
         result[strategy] = {
-            "metric": f"{kind} {key}", "runs": labels, "updates": steps,
+            "metric": f"{kind} {key}", "runs": labels, "updates": steps, "corpus": str(data),
+            "dictionary_types": int(types.group(1)) if types else None,
             **{label: [curves[label][u] for u in steps] for label in labels},
             "max_gap": max(gaps) if gaps else None, "final_gap": gaps[-1] if gaps else None}
         if "--torch-compile" in pair[1][1]:
@@ -501,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
                    "shape")
     p.add_argument("--numerics-updates", type=int, help="default 300; smoke 8")
     p.add_argument("--numerics-arch", help="default amt_small; smoke amt_tiny")
+    p.add_argument("--numerics-data", type=Path,
+                   help="train the numerics on this binarized corpus (fairseq-preprocess's "
+                   "output: dict.txt, train and valid) instead of the Zipf corpus, e.g. "
+                   "run.sh's runs/default/bin: real text, whose loss falls steadily")
     p.add_argument("--numerics-jobs", type=int,
                    help="numerics runs at once (default: all four on a GPU, one on a CPU)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -522,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         set(args.shapes.split(",")) - {"base", "small"}
     if unknown:
         p.error(f"unknown --rows or --shapes: {', '.join(sorted(unknown))}")
+    if args.numerics_data is not None:
+        missing = [name for name in ("dict.txt", "train.bin", "train.idx", "valid.bin",
+                                     "valid.idx") if not (args.numerics_data / name).is_file()]
+        if missing:
+            p.error(f"--numerics-data {args.numerics_data} lacks {', '.join(missing)}: give "
+                    f"fairseq-preprocess's output directory (e.g. run.sh's runs/default/bin)")
     with tempfile.TemporaryDirectory() as tmp:
         lines = 2000 if args.smoke else 40000
         work = (args.corpus_dir or Path(tmp)) / f"zipf-{args.vocab}-{lines}"

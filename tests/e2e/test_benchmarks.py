@@ -70,6 +70,24 @@ def test_gpu_throughput_numerics_compare_cuda_graphs_with_eager(tmp_path):
     assert results["learned"]["compile"]["counters"]["stats"]["unique_graphs"] == 3
 
 
+def test_gpu_throughput_numerics_train_on_the_corpus_given(zipf_data, tmp_path):
+    script = [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--smoke",
+              "--numerics-only", "--numerics-updates", "4"]
+    proc = subprocess.run([*script, "--numerics-data", str(tmp_path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2
+    assert "lacks dict.txt, train.bin, train.idx, valid.bin, valid.idx" in proc.stdout
+    proc = subprocess.run([*script, "--numerics-data", str(zipf_data),
+                           "--json", str(tmp_path / "r.json")], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    # its 300 types and fairseq's four specials (the smoke's own corpus has about 500)
+    types = 4 + len((zipf_data / "dict.txt").read_text().splitlines())
+    for n in json.loads((tmp_path / "r.json").read_text())["numerics"].values():
+        assert n["corpus"] == str(zipf_data) and n["dictionary_types"] == types
+        assert len(n["fp32"]) >= 2 and n["max_gap"] is not None
+
+
 def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"),
                            "--smoke", "--numerics", "--time-budget", "0",
