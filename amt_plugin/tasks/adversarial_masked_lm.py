@@ -39,6 +39,7 @@ from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 from omegaconf import OmegaConf
 
 from .. import masking
+from ..models.amt import PREDICTOR
 from ..optimizer import AMTAdam
 
 logger = logging.getLogger(__name__)
@@ -368,7 +369,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         """The parameter groups ("predictor", "masker") of the model's parameters; found once
         per model (walking the module tree for them every update costs host time)."""
         if self._roles is None or self._roles[0] is not model:
-            self._roles = (model, {getattr(p, "param_group", None) for p in model.parameters()})
+            self._roles = (model, {role_of(p) for p in model.parameters()})
         return self._roles[1]
 
     def optimizer_step(self, optimizer, model, update_num) -> None:
@@ -392,9 +393,15 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         # These optimizers work on the model's own parameters, and torch optimizers skip a
         # parameter without a gradient (no update, no moment update): drop the frozen ones.
         for p in model.parameters():
-            if getattr(p, "param_group", None) not in groups:
+            if role_of(p) not in groups:
                 p.grad = None
         optimizer.step()
+
+
+def role_of(parameter) -> str:
+    """The parameter's role, "predictor" or "masker", as the `amt` model tags it. A model
+    without tags (a stock `roberta`, with --masking-strategy random) is all predictor."""
+    return getattr(parameter, "param_group", PREDICTOR)
 
 
 def run_config(task_cfg: AdversarialMaskedLMConfig, section: str):

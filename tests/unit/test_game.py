@@ -1,7 +1,10 @@
 """The game: gradient isolation, the sign of the masker's update, alternation that freezes."""
 
+import argparse
+
 import pytest
 import torch
+from fairseq.models.roberta import RobertaModel
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
 from amt_plugin import masking
@@ -213,6 +216,22 @@ def test_task_freezes_the_masker_with_a_plain_fairseq_adam_too():
     task.optimizer_step(opt, model, update_num=1)
     assert all(torch.equal(p, masker_before[n])
                for n, p in model.named_parameters() if n.startswith("masker."))
+
+
+def test_task_steps_a_stock_roberta_predictor_which_has_no_role_tags():
+    # --arch roberta with --masking-strategy random: every parameter is the predictor's
+    task, model, _ = build("random")
+    args = argparse.Namespace(**vars(model.args))
+    args.arch = "roberta"
+    roberta = RobertaModel.build_model(args, task)
+    assert not any(hasattr(p, "param_group") for p in roberta.parameters())
+    opt = FairseqAdam(FairseqAdamConfig(lr=[1e-3], adam_betas="(0.9, 0.999)"),
+                      list(roberta.parameters()))
+    before = snapshot(roberta, "")
+    fill_grads(roberta)
+    task.groups_to_step = {"predictor"}  # random masking: the masker never trains
+    task.optimizer_step(opt, roberta, update_num=1)
+    assert all(not torch.equal(p, before[n]) for n, p in roberta.named_parameters())
 
 
 def test_masker_lr_follows_the_schedule_scaled():
