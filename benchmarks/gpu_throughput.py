@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numerics-data", type=Path,
                    help="train the numerics on this binarized corpus (fairseq-preprocess's "
                    "output: dict.txt, train and valid) instead of the Zipf corpus, e.g. "
-                   "run.sh's runs/default/bin: real text, whose loss falls steadily")
+                   "run.sh's runs/default/bin (real text, whose words depend on their context)")
     p.add_argument("--numerics-jobs", type=int,
                    help="numerics runs at once (default: all four on a GPU, one on a CPU)")
     p.add_argument("--json", type=Path, help="also write the results here")
