@@ -6,6 +6,7 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
+from fairseq.models.roberta import RobertaModel
 
 import amt_plugin  # noqa: F401  (registers everything)
 from amt_plugin.criterions.adversarial_masked_lm import (
@@ -47,6 +48,13 @@ def build(strategy: str = "learned", whole_words: bool = False, **criterion_over
     crit_cfg = AdversarialMaskedLMCriterionConfig(seed=1, **criterion_overrides)
     criterion = AdversarialMaskedLMCriterion(crit_cfg, task)
     return task, model, criterion
+
+
+def stock_roberta(task, model: AMTModel) -> RobertaModel:
+    """fairseq's own RoBERTa at the amt model's predictor shape (no masker, no role tags)."""
+    args = argparse.Namespace(**vars(model.args))
+    args.arch = "roberta"
+    return RobertaModel.build_model(args, task)
 
 
 def make_sample(task, B: int = 8, T: int = TOKENS_PER_SAMPLE, seed: int = 0) -> dict:

@@ -1,17 +1,14 @@
 """The game: gradient isolation, the sign of the masker's update, alternation that freezes."""
 
-import argparse
-
 import pytest
 import torch
-from fairseq.models.roberta import RobertaModel
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
 from amt_plugin import masking
 from amt_plugin.criterions import adversarial_masked_lm as criterion_module
 from amt_plugin.criterions.adversarial_masked_lm import reinforce_loss, running_mean
 from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
-from tests.conftest import build, make_sample
+from tests.conftest import build, make_sample, stock_roberta
 
 
 def grads(loss, params):
@@ -221,9 +218,7 @@ def test_task_freezes_the_masker_with_a_plain_fairseq_adam_too():
 def test_task_steps_a_stock_roberta_predictor_which_has_no_role_tags():
     # --arch roberta with --masking-strategy random: every parameter is the predictor's
     task, model, _ = build("random")
-    args = argparse.Namespace(**vars(model.args))
-    args.arch = "roberta"
-    roberta = RobertaModel.build_model(args, task)
+    roberta = stock_roberta(task, model)
     assert not any(hasattr(p, "param_group") for p in roberta.parameters())
     opt = FairseqAdam(FairseqAdamConfig(lr=[1e-3], adam_betas="(0.9, 0.999)"),
                       list(roberta.parameters()))

@@ -6,7 +6,6 @@ from unittest import mock
 import torch
 from fairseq.criterions import CRITERION_REGISTRY
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_REGISTRY
-from fairseq.models.roberta import RobertaModel
 from fairseq.optim import OPTIMIZER_REGISTRY
 from fairseq.tasks import TASK_REGISTRY
 
@@ -14,7 +13,7 @@ from amt_plugin.criterions.adversarial_masked_lm import AdversarialMaskedLMCrite
 from amt_plugin.models.amt import AMTModel
 from amt_plugin.optimizer import AMTAdam
 from amt_plugin.tasks.adversarial_masked_lm import AdversarialMaskedLMTask
-from tests.conftest import TOKENS_PER_SAMPLE, build, make_sample
+from tests.conftest import TOKENS_PER_SAMPLE, build, make_sample, stock_roberta
 
 
 def test_names_resolve_to_our_classes():
@@ -44,9 +43,7 @@ def test_architecture_shapes():
 def test_dropping_masker_keys_leaves_a_stock_roberta_state_dict():
     task, model, _ = build()
     predictor = model.predictor_state_dict()
-    args = argparse.Namespace(**vars(model.args))
-    args.arch = "roberta"
-    roberta = RobertaModel.build_model(args, task)
+    roberta = stock_roberta(task, model)
     reference = roberta.state_dict()
     assert predictor.keys() == reference.keys()
     assert all(predictor[k].shape == reference[k].shape for k in reference)
