@@ -135,10 +135,15 @@ def run_python(argv: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 
 def train(data: Path, flags: list[str], cpu: bool, timeout: int) -> str:
-    """One fairseq-train run; its whole log. Raises RuntimeError with the log's tail."""
-    proc = run_python(["-c", LAUNCH, str(data), "--log-format", "simple", "--no-progress-bar",
-                       "--seed", "1", "--num-workers", "2", *(["--cpu"] if cpu else []),
-                       *flags], timeout)
+    """One fairseq-train run; its whole log. Raises RuntimeError with the log's tail.
+
+    Each run has its own save directory: fairseq-train writes and deletes a file there at
+    start-up even with --no-save, so runs side by side (the numerics) sharing one would race."""
+    with tempfile.TemporaryDirectory() as save_dir:
+        proc = run_python(["-c", LAUNCH, str(data), "--log-format", "simple",
+                           "--no-progress-bar", "--seed", "1", "--num-workers", "2",
+                           "--save-dir", save_dir, *(["--cpu"] if cpu else []), *flags],
+                          timeout)
     return proc.stdout + proc.stderr
 
 

@@ -97,7 +97,8 @@ def train_in_process(data: Path, flags: list[str], updates: int, wrap, context) 
     from fairseq_cli.train import main as train_main
 
     argv = [str(data), "--max-update", str(updates), "--cpu", "--num-workers", "0",
-            "--no-save", "--disable-validation", "--log-format", "none", "--seed", "1",
+            "--no-save", "--save-dir", str(data / "checkpoints"), "--disable-validation",
+            "--log-format", "none", "--seed", "1",
             "--tokens-per-sample", "64", "--batch-size", "8", "--lr", "1e-4", *flags]
     parser = options.get_training_parser()
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv))
