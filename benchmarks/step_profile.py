@@ -42,8 +42,9 @@ def precision(args) -> str:
     return words
 
 
-def profile_steps(data: Path, args) -> tuple[torch.profiler.profile, float]:
-    """(profiler, wall seconds per update) over args.steps updates after args.warmup."""
+def profile_steps(data: Path, save_dir: Path, args) -> tuple[torch.profiler.profile, float]:
+    """(profiler, wall seconds per update) over args.steps updates after args.warmup;
+    fairseq-train's start-up check writes into `save_dir` even with --no-save."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.trainer import Trainer
@@ -81,8 +82,8 @@ def profile_steps(data: Path, args) -> tuple[torch.profiler.profile, float]:
             "--optimizer", "amt_adam", "--arch", args.arch, "--masker-warmup-updates", "0",
             "--tokens-per-sample", str(args.tokens), "--batch-size", str(args.batch),
             "--lr", "1e-4", "--max-update", str(args.warmup + args.steps), "--no-save",
-            "--disable-validation", "--log-format", "none", "--seed", "1",
-            "--num-workers", "2",
+            "--save-dir", str(save_dir), "--disable-validation", "--log-format", "none",
+            "--seed", "1", "--num-workers", "2",
             *([] if args.fp32 else ["--bf16-weights" if args.bf16_weights else "--bf16-autocast"]),
             *(["--torch-compile", "--torch-compile-mode", args.torch_compile_mode]
               if args.torch_compile else []),
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         data = args.data or make_corpus(Path(tmp), 500 if args.smoke else 30000,
                                         2000 if args.smoke else 20000, 50, (50, 400),
                                         workers=os.cpu_count() or 1)
-        prof, wall = profile_steps(data, args)
+        prof, wall = profile_steps(data, Path(tmp) / "checkpoints", args)
     print(f"\n{args.arch}, {args.batch} x {args.tokens} tokens per update, {precision(args)}, "
           f"learned masking, {args.steps} updates profiled after {args.warmup}\n")
     report(prof, wall, args.steps, args.top)
