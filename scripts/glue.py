@@ -261,9 +261,11 @@ def preprocess(raw: Path, suffix: str, dest: Path, dev_names: list[str], workers
 # --- fine-tune and score -----------------------------------------------------------------------
 
 def finetune_command(task: Task, data: Path, checkpoint: Path, shape_args: list[str],
-                     seed: int, update_scale: float = 1.0, lr: float | None = None,
-                     cpu: bool = True) -> list[str]:
-    """fairseq-train sentence_prediction, as fairseq's RoBERTa GLUE recipe runs it."""
+                     seed: int, save_dir: Path, update_scale: float = 1.0,
+                     lr: float | None = None, cpu: bool = True) -> list[str]:
+    """fairseq-train sentence_prediction, as fairseq's RoBERTa GLUE recipe runs it. Nothing
+    is saved, but fairseq-train checks at start-up that it could write into `save_dir`
+    (default ./checkpoints, which would be left behind in the user's working directory)."""
     total = max(10, round(task.total_updates * update_scale))
     warmup = max(1, round(task.warmup_updates * update_scale))
     report = {"mcc": "--report-mcc", "f1": "--report-acc-and-f1",
@@ -285,7 +287,7 @@ def finetune_command(task: Task, data: Path, checkpoint: Path, shape_args: list[
         "--valid-subset", ",".join(["valid"] + [f"valid{i}" for i in
                                                 range(1, len(task.dev_splits))]),
         "--validate-interval-updates", str(max(1, total // 5)), "--validate-interval", "1000",
-        "--no-save",
+        "--no-save", "--save-dir", str(save_dir),
         "--find-unused-parameters", "--seed", str(seed), "--num-workers", "0",
         "--log-format", "json", "--log-interval", "50", "--no-progress-bar",
         "--skip-invalid-size-inputs-valid-test",

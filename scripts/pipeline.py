@@ -315,7 +315,8 @@ def stage_glue(args: argparse.Namespace, bpe: Path, data: Path, exported: Path,
                     continue
             banner("glue", f"{task.name}, seed {seed}: fine-tune the {strategy} predictor")
             cmd = glue.finetune_command(task, task_bin, exported / "model.pt", shape, seed,
-                                        args.glue_update_scale, args.glue_lr, cpu=args.cpu)
+                                        done.parent, args.glue_update_scale, args.glue_lr,
+                                        cpu=args.cpu)
             done.parent.mkdir(parents=True, exist_ok=True)
             log = run(cmd, log=done.with_suffix(".log"), quiet=True)
             scores = glue.best_scores(task, log)

@@ -93,6 +93,7 @@ def test_glue_path_end_to_end_on_fixtures(corpus, tmp_path):
     exported = torch.load(out / "learned" / "roberta" / "model.pt", weights_only=True)
     assert exported["cfg"]["model"]["arch"] == "roberta"
     assert not any(k.startswith("masker.") for k in exported["model"])
+    assert not (tmp_path / "checkpoints").exists()  # nothing left in the working directory
 
 
 def test_killed_after_pretraining_resumes_without_redoing_stages(corpus, tmp_path):
