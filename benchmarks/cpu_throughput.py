@@ -50,8 +50,8 @@ def wps(data: Path, updates: int, flags: list[str]) -> float:
     common = [str(BIN / "fairseq-train"), str(data), "--optimizer", "adam", "--lr", "5e-4",
               "--tokens-per-sample", "128", "--batch-size", "32", "--max-update", str(updates),
               "--cpu", "--num-workers", "0", "--no-save", "--save-dir", str(data / "checkpoints"),
-              "--disable-validation",
-              "--log-format", "json", "--log-interval", "10", "--no-progress-bar", "--seed", "1"]
+              "--disable-validation", "--log-format", "json", "--log-interval", "10",
+              "--no-progress-bar", "--seed", "1"]
     proc = subprocess.run(common + flags, capture_output=True, text=True, env=ENV)
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
