@@ -544,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = 2000 if args.smoke else 40000
         work = (args.corpus_dir or Path(tmp)) / f"zipf-{args.vocab}-{lines}"
         data = work / "bin"
-        if not (data / "dict.txt").exists():
+        # --numerics-only on --numerics-data trains on that alone: no Zipf corpus to make
+        if not (data / "dict.txt").exists() and not (args.numerics_only and args.numerics_data):
             work.mkdir(parents=True, exist_ok=True)
             data = make_corpus(work, args.vocab, lines, max(10, lines // 100), (50, 400),
                                workers=os.cpu_count() or 1)

@@ -78,9 +78,11 @@ def test_gpu_throughput_numerics_train_on_the_corpus_given(zipf_data, tmp_path):
     assert proc.returncode == 2
     assert "lacks dict.txt, train.bin, train.idx, valid.bin, valid.idx" in proc.stdout
     proc = subprocess.run([*script, "--numerics-data", str(zipf_data),
-                           "--json", str(tmp_path / "r.json")], stdout=subprocess.PIPE,
+                           "--json", str(tmp_path / "r.json"), "--corpus-dir",
+                           str(tmp_path / "corpora")], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
+    assert not any((tmp_path / "corpora").glob("*/bin"))  # no Zipf corpus made in vain
     # its 300 types and fairseq's four specials (the smoke's own corpus has about 500)
     types = 4 + len((zipf_data / "dict.txt").read_text().splitlines())
     for n in json.loads((tmp_path / "r.json").read_text())["numerics"].values():
