@@ -247,20 +247,25 @@ def stage_pretrain(args: argparse.Namespace, data: Path, strategy: str) -> Path:
         f"task.masking_strategy={strategy}", f"checkpoint.save_dir={ckpt}",
         f"common.tensorboard_logdir={work / 'tensorboard'}", f"hydra.run.dir={work / 'hydra'}",
     ]
-    if args.cpu:  # half precision on a CPU is slow emulation: train in fp32 there
-        overrides += ["common.cpu=true", "common.fp16=false", "++task.bf16_autocast=false",
-                      "++task.bf16_weights=false",
-                      "distributed_training.distributed_world_size=1"]
-    else:
-        overrides += ["common.cpu=false",
-                      f"distributed_training.distributed_world_size={args.gpus}",
-                      "distributed_training.distributed_backend=nccl"]
+    overrides += device_overrides(args)
     if args.max_update:
         overrides.append(f"optimization.max_update={args.max_update}")
     run(["fairseq-hydra-train", "--config-dir", str(ROOT / "configs"),
          "--config-name", args.config, *overrides, *args.overrides], log=work / "train.log")
     done.write_text(json.dumps(settings))
     return ckpt / "checkpoint_last.pt"
+
+
+def device_overrides(args: argparse.Namespace) -> list[str]:
+    """The config's settings for the machine: on a CPU, fp32 and eager (half precision is
+    slow emulation there, and the GPU configs' CUDA graphs would only cost compile time)."""
+    if args.cpu:
+        return ["common.cpu=true", "common.fp16=false", "++task.bf16_autocast=false",
+                "++task.bf16_weights=false", "++task.torch_compile=false",
+                "++task.torch_compile_mode=default", "++task.pad_to_multiple=1",
+                "distributed_training.distributed_world_size=1"]
+    return ["common.cpu=false", f"distributed_training.distributed_world_size={args.gpus}",
+            "distributed_training.distributed_backend=nccl"]
 
 
 def stage_export(args: argparse.Namespace, checkpoint: Path, data: Path,

@@ -4,7 +4,9 @@ The fp16 tests run fairseq's FP16Optimizer / AMPOptimizer on the CPU: slow arith
 same optimizer wrappers, loss scaling and group-selective stepping as on a GPU.
 """
 
+import argparse
 import math
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,12 @@ from amt_plugin.optimizer import MASTER_WEIGHTS
 from tests.e2e.conftest import BIN, PLUGIN, ROOT, json_logs, run, train, train_args
 
 pytestmark = pytest.mark.slow
+
+
+def has_setting(log: str, key: str, printed: str) -> bool:
+    """Whether fairseq's start-up print of its config has key: value (as it prints there:
+    True, 32, or a choice unquoted)."""
+    return f"'{key}': {printed}," in log
 
 
 def masker_and_predictor_steps(opt_state: dict) -> dict[str, set[int]]:
@@ -47,7 +55,27 @@ def test_shipped_gpu_configs_train_in_bf16(config, zipf_data, tmp_path):
                 "model.max_positions=64", "common.log_format=json", "common.log_interval=1",
                 "common.cpu=true", "checkpoint.no_save=true",
                 f"hydra.run.dir={tmp_path}"])
-    assert "bf16_weights': True" in proc.stdout or '"bf16_weights": true' in proc.stdout
+    assert has_setting(proc.stdout, "bf16_weights", "True")
+    inner = json_logs(proc.stdout, "train_inner")
+    assert len(inner) == 2 and all(math.isfinite(float(x["loss"])) for x in inner)
+
+
+def test_run_sh_trains_the_gpu_config_eager_and_in_fp32_on_a_cpu(zipf_data, tmp_path):
+    # what run.sh --config amt_small --cpu passes: no bf16 emulation, no compile time
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pipeline
+
+    cpu = pipeline.device_overrides(argparse.Namespace(cpu=True, gpus=None))
+    proc = run([str(BIN / "fairseq-hydra-train"), "--config-dir", str(ROOT / "configs"),
+                "--config-name", "amt_small", f"task.data={zipf_data}",
+                f"common.user_dir={PLUGIN}", *cpu, "optimization.max_update=2",
+                "dataset.batch_size=2", "criterion.masker_warmup_updates=1",
+                "task.tokens_per_sample=64", "model.max_positions=64",
+                "common.log_format=json", "common.log_interval=1", "checkpoint.no_save=true",
+                f"hydra.run.dir={tmp_path}"])
+    for key, value in (("bf16_weights", "False"), ("torch_compile", "False"),
+                       ("torch_compile_mode", "default"), ("pad_to_multiple", "1")):
+        assert has_setting(proc.stdout, key, value)
     inner = json_logs(proc.stdout, "train_inner")
     assert len(inner) == 2 and all(math.isfinite(float(x["loss"])) for x in inner)
 
