@@ -56,6 +56,10 @@ def test_shipped_gpu_configs_train_in_bf16(config, zipf_data, tmp_path):
                 "common.cpu=true", "checkpoint.no_save=true",
                 f"hydra.run.dir={tmp_path}"])
     assert has_setting(proc.stdout, "bf16_weights", "True")
+    if config == "amt_small":  # CUDA graphs (on a CPU the mode compiles without them)
+        assert has_setting(proc.stdout, "torch_compile", "True")
+        assert has_setting(proc.stdout, "torch_compile_mode", "reduce-overhead")
+        assert has_setting(proc.stdout, "pad_to_multiple", "32")
     inner = json_logs(proc.stdout, "train_inner")
     assert len(inner) == 2 and all(math.isfinite(float(x["loss"])) for x in inner)
 
