@@ -6,6 +6,7 @@ same optimizer wrappers, loss scaling and group-selective stepping as on a GPU.
 
 import argparse
 import math
+import re
 import sys
 
 import pytest
@@ -44,11 +45,18 @@ def test_hydra_train_with_the_shipped_tiny_config(zipf_data, tmp_path):
         "predictor": {12}, "masker": {8}}
 
 
-@pytest.mark.parametrize("config", ["amt_small", "amt_base"])
-def test_shipped_gpu_configs_train_in_bf16(config, zipf_data, tmp_path):
-    # the GPU configs at their real shapes, two updates of 2 x 64 tokens on the CPU
+# the overrides amt_small.yaml's comment gives for CUDA graphs
+CUDA_GRAPHS = ["task.torch_compile=true", "task.torch_compile_mode=reduce-overhead",
+               "task.pad_to_multiple=32"]
+
+
+@pytest.mark.parametrize("config,extra", [("amt_small", []), ("amt_small", CUDA_GRAPHS),
+                                          ("amt_base", [])])
+def test_shipped_gpu_configs_train_in_bf16(config, extra, zipf_data, tmp_path):
+    # the GPU configs at their real shapes, two updates of 2 x 64 tokens on the CPU; with
+    # CUDA graphs as amt_small's comment says (on a CPU the mode compiles without graphs)
     proc = run([str(BIN / "fairseq-hydra-train"), "--config-dir", str(ROOT / "configs"),
-                "--config-name", config, f"task.data={zipf_data}",
+                "--config-name", config, f"task.data={zipf_data}", *extra,
                 f"common.user_dir={PLUGIN}", "optimization.max_update=2",
                 "optimization.update_freq=[1]", "dataset.batch_size=2",
                 "criterion.masker_warmup_updates=1", "task.tokens_per_sample=64",
@@ -56,22 +64,26 @@ def test_shipped_gpu_configs_train_in_bf16(config, zipf_data, tmp_path):
                 "common.cpu=true", "checkpoint.no_save=true",
                 f"hydra.run.dir={tmp_path}"])
     assert has_setting(proc.stdout, "bf16_weights", "True")
-    if config == "amt_small":  # CUDA graphs (on a CPU the mode compiles without them)
-        assert has_setting(proc.stdout, "torch_compile", "True")
-        assert has_setting(proc.stdout, "torch_compile_mode", "reduce-overhead")
-        assert has_setting(proc.stdout, "pad_to_multiple", "32")
+    assert has_setting(proc.stdout, "torch_compile", str(bool(extra)))
     inner = json_logs(proc.stdout, "train_inner")
     assert len(inner) == 2 and all(math.isfinite(float(x["loss"])) for x in inner)
 
 
-def test_run_sh_trains_the_gpu_config_eager_and_in_fp32_on_a_cpu(zipf_data, tmp_path):
-    # what run.sh --config amt_small --cpu passes: no bf16 emulation, no compile time
+def test_run_sh_trains_a_gpu_config_eager_and_in_fp32_on_a_cpu(zipf_data, tmp_path):
+    # amt_small with CUDA graphs switched on, as its comment says, under what run.sh --cpu
+    # passes: no bf16 emulation, no compile time
     sys.path.insert(0, str(ROOT / "scripts"))
     import pipeline
 
+    config = (ROOT / "configs" / "amt_small.yaml").read_text()
+    for key, value in (("torch_compile", "true"), ("torch_compile_mode", "reduce-overhead"),
+                       ("pad_to_multiple", "32")):
+        config = re.sub(rf"(?m)^  {key}: .*$", f"  {key}: {value}", config)
+    assert "  torch_compile: true\n" in config
+    (tmp_path / "graphs.yaml").write_text(config)
     cpu = pipeline.device_overrides(argparse.Namespace(cpu=True, gpus=None))
-    proc = run([str(BIN / "fairseq-hydra-train"), "--config-dir", str(ROOT / "configs"),
-                "--config-name", "amt_small", f"task.data={zipf_data}",
+    proc = run([str(BIN / "fairseq-hydra-train"), "--config-dir", str(tmp_path),
+                "--config-name", "graphs", f"task.data={zipf_data}",
                 f"common.user_dir={PLUGIN}", *cpu, "optimization.max_update=2",
                 "dataset.batch_size=2", "criterion.masker_warmup_updates=1",
                 "task.tokens_per_sample=64", "model.max_positions=64",
