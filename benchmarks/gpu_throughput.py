@@ -5,6 +5,8 @@ and whether bf16 training tracks fp32.
     python benchmarks/gpu_throughput.py --numerics [--numerics-updates 300]
     python benchmarks/gpu_throughput.py --numerics-only --numerics-compare cudagraphs
     python benchmarks/gpu_throughput.py --smoke      # CPU, tiny shapes: checks the script runs
+    python benchmarks/gpu_throughput.py --shapes small --tokens 128 --batch 128 \
+        --sample-break-mode complete                 # batched as configs/amt_small.yaml is
 
 Every run is the real `python -m fairseq_cli.train` on the same synthetic Zipf corpus (30k-word
 vocabulary, made here), one after another in this script, so ratios compare like with like.
@@ -267,13 +269,17 @@ class Clock:
 def measure(args, data: Path, cpu: bool, name: str, kind: str, clock: Clock) -> dict:
     """One throughput row (an error or skip is recorded in the row, never raised)."""
     common = ["--tokens-per-sample", str(args.tokens), "--batch-size", str(args.batch),
+              "--sample-break-mode", args.sample_break_mode,
               "--lr", "1e-4", "--weight-decay", "0.01", "--adam-betas", "(0.9,0.98)"]
     amt = ["--user-dir", str(ROOT / "amt_plugin"), "--task", "adversarial_masked_lm",
            "--criterion", "adversarial_masked_lm", "--optimizer", "amt_adam",
            "--masker-warmup-updates", "0"]
     label, flags, is_amt = row_spec(name, kind, [] if cpu else ["--fp16"], amt)
+    if args.sample_break_mode != "none" and "reduce-overhead" in flags:
+        flags = [*flags, "--pad-to-multiple", "32"]  # a few batch shapes, a few CUDA graphs
     updates = args.updates * (2 if name == "small" else 1)  # fast steps: more of them
-    row = {"run": label, "shape": name, "kind": kind, "updates": updates}
+    row = {"run": label, "shape": name, "kind": kind, "updates": updates,
+           "flags": common + flags}
     timeout = clock.allowance(args.run_timeout)
     if timeout is None:
         row["error"] = "skipped: no time left in --time-budget"
@@ -331,7 +337,7 @@ def run_all(args, data: Path, cpu: bool) -> dict:
     shapes = ["tiny"] if cpu else args.shapes.split(",")
     kinds = args.rows.split(",")
     if cpu:  # the smoke run: the tiny shape stands in for both
-        plan = [("tiny", k) for k in KINDS]
+        plan = [("tiny", k) for k in KINDS if k in kinds]
         plan += ["numerics", *([("tiny", "profile")] if args.profile else [])]
     else:
         plan = [job for job in PRIORITY if job == "numerics" or (
@@ -483,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, help="sequences per update (default 64; smoke 4)")
     p.add_argument("--tokens", type=int, help="tokens per sequence (default 512; smoke 64)")
     p.add_argument("--vocab", type=int, help="corpus vocabulary (default 30000; smoke 500)")
+    p.add_argument("--sample-break-mode", choices=["none", "complete"], default="none",
+                   help="none: every sequence a full --tokens block of one line's words "
+                   "(one batch shape); complete: whole lines of 5-60 words packed into "
+                   "blocks of up to --tokens, as the configs batch (many batch lengths; the "
+                   "CUDA-graph rows pad them to multiples of 32; MFU counts full blocks)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense bf16 peak of the card, for MFU (default: H100 SXM)")
     p.add_argument("--matmul-tflops", type=float, default=790.0,
@@ -541,19 +552,25 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--numerics-data {args.numerics_data} lacks {', '.join(missing)}: give "
                     f"fairseq-preprocess's output directory (e.g. run.sh's runs/default/bin)")
     with tempfile.TemporaryDirectory() as tmp:
-        lines = 2000 if args.smoke else 40000
+        # the same number of words either way: 50-400 per line, or sentence-like 5-60
+        sentences = args.sample_break_mode == "complete"
+        lines = (2000 if args.smoke else 40000) * (7 if sentences else 1)
+        words = (5, 60) if sentences else (50, 400)
         work = (args.corpus_dir or Path(tmp)) / f"zipf-{args.vocab}-{lines}"
         data = work / "bin"
         # --numerics-only on --numerics-data trains on that alone: no Zipf corpus to make
         if not (data / "dict.txt").exists() and not (args.numerics_only and args.numerics_data):
             work.mkdir(parents=True, exist_ok=True)
-            data = make_corpus(work, args.vocab, lines, max(10, lines // 100), (50, 400),
+            data = make_corpus(work, args.vocab, lines, max(10, lines // 100), words,
                                workers=os.cpu_count() or 1)
         results = run_all(args, data, cpu)
     if "throughput" in results:
         device = "CPU (smoke: tiny shapes)" if cpu else "GPU"
+        blocks = "" if args.sample_break_mode == "none" else \
+            " (at most: whole lines packed, --sample-break-mode complete)"
         print_table(results["throughput"], f"{device}, {args.batch} x {args.tokens} tokens "
-                    f"per update, {args.updates} updates per run (small shape: twice)", args)
+                    f"per update{blocks}, {args.updates} updates per run (small shape: "
+                    "twice)", args)
     arch = args.numerics_arch
     compared = f"bf16 ({args.numerics_bf16}) against fp32" \
         if args.numerics_compare == "precision" else \

@@ -104,6 +104,28 @@ def test_gpu_throughput_script_skips_what_its_time_budget_cannot_fit(tmp_path):
     assert proc.stdout.count("| skipped: no time left in --time-budget | | | | | |") == 10
 
 
+def test_gpu_throughput_batches_as_the_configs_do_with_sample_break_mode_complete(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"),
+                           "--smoke", "--rows", "baseline,bf16w_cudagraphs",
+                           "--sample-break-mode", "complete", "--corpus-dir", str(tmp_path),
+                           "--json", str(tmp_path / "r.json")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    stock, graphs = json.loads((tmp_path / "r.json").read_text())["throughput"]
+    assert stock["kind"] == "baseline" and graphs["kind"] == "bf16w_cudagraphs"
+    assert stock["tokens_per_s"] > 0 and graphs["tokens_per_s"] > 0
+    for row in (stock, graphs):
+        i = row["flags"].index("--sample-break-mode")
+        assert row["flags"][i + 1] == "complete"
+    # CUDA graphs are recorded per batch shape: lengths padded to a few (stock has no flag)
+    assert "--pad-to-multiple" not in stock["flags"]
+    assert graphs["flags"][graphs["flags"].index("--pad-to-multiple") + 1] == "32"
+    # sentence-like lines, several to a block of 64 tokens
+    [train] = tmp_path.glob("zipf-*/train.txt")
+    assert max(len(line.split()) for line in train.read_text().splitlines()) <= 60
+
+
 def test_host_overhead_script_counts_fewer_syncs_for_amt_than_stock():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"),
                            "--updates", "5", "--host-updates", "8"], stdout=subprocess.PIPE,
