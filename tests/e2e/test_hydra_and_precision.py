@@ -76,8 +76,8 @@ def test_run_sh_trains_a_gpu_config_eager_and_in_fp32_on_a_cpu(zipf_data, tmp_pa
     import pipeline
 
     config = (ROOT / "configs" / "amt_small.yaml").read_text()
-    for key, value in (("torch_compile", "true"), ("torch_compile_mode", "reduce-overhead"),
-                       ("pad_to_multiple", "32")):
+    for override in CUDA_GRAPHS:
+        key, value = override.removeprefix("task.").split("=")
         config = re.sub(rf"(?m)^  {key}: .*$", f"  {key}: {value}", config)
     assert "  torch_compile: true\n" in config
     (tmp_path / "graphs.yaml").write_text(config)
