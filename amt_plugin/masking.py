@@ -12,7 +12,8 @@ Everything here works on a padded batch `tokens (B, T)` and a boolean `candidate
   exact Plackett-Luce log-probability of the ordered draw (the masker's policy gradient).
 - `span_select`, `frequency_logits`: the SpanBERT-style and inverse-frequency baselines.
 - `corrupt`: the 80/10/10 rule of BERT / fairseq's `masked_lm` (<mask> / random / unchanged).
-- `fixed_mask`: the comparable yardstick, a uniform mask fixed per sample id.
+- `fixed_mask`: the comparable yardstick, a uniform mask fixed per sample id (scored with
+  every chosen position replaced by <mask>, see the criterion).
 
 Randomness always comes from an explicit `torch.Generator`, so a draw is reproducible.
 """
@@ -230,31 +231,25 @@ def fixed_mask(
     sample_ids: Tensor,
     mask_prob: float,
     seed: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Tensor:
     """A uniformly random mask that depends only on (seed, sample id, the sample's tokens).
 
-    The comparable yardstick: the same positions and the same 80/10/10 draws for a sample in
-    every run, whatever the batch it lands in, its padding, or the number of workers. Each row
-    gets its own CPU generator, seeded by (seed, sample id), drawing over its own length.
-    Returns (mask (B, T) bool, corruption draw u (B, T), replacement draw r (B, T)) with u, r
-    uniform in [0, 1), for `corrupt_with_draws`.
+    The comparable yardstick: the same positions for a sample in every run, whatever the batch
+    it lands in, its padding, or the number of workers. Each row gets its own CPU generator,
+    seeded by (seed, sample id), drawing over its own length. Returns mask (B, T) bool.
     """
     B, T = tokens.shape
     mask = torch.zeros(B, T, dtype=torch.bool)
-    u = torch.ones(B, T)
-    r = torch.zeros(B, T)
     cand = candidates.cpu()
     for b, sid in enumerate(sample_ids.tolist()):
         pos = cand[b].nonzero().squeeze(1)
         n = int(pos[-1]) + 1 if len(pos) else 0  # the row up to its last candidate: no padding
         g = torch.Generator().manual_seed(seed * 1_000_003 + int(sid))
-        keys, u_row, r_row = torch.rand(3, n, generator=g)
+        keys = torch.rand(n, generator=g)
         keys = torch.where(cand[b, :n], keys, torch.full_like(keys, 2.0))
         k = int(budget(cand[b].sum().view(1), mask_prob))
         mask[b, keys.argsort()[:k]] = True
-        u[b, :n], r[b, :n] = u_row, r_row
-    dev = tokens.device
-    return mask.to(dev), u.to(dev), r.to(dev)
+    return mask.to(tokens.device)
 
 
 def corrupt_with_draws(

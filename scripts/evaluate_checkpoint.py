@@ -2,10 +2,11 @@
 
     python scripts/evaluate_checkpoint.py CHECKPOINT --data BIN [--subset valid] [--json OUT]
 
-Scores the predictor on the *fixed* uniformly random 15% mask (80/10/10, seeded per sample:
-the same positions for a sample in every run), overall and per frequency bucket, exactly as
-`fairseq-validate` does for AMT checkpoints; so runs made without the plugin can be compared
-with AMT runs. Prints one JSON object (and writes it to --json).
+Scores the predictor on the *fixed* uniformly random 15% mask (seeded per sample: the same
+positions for a sample in every run; each scored token's input is <mask>), overall and per
+frequency bucket, beside the context-free reference (the training split's unigram model on the
+same positions), exactly as `fairseq-validate` does for AMT checkpoints; so runs made without
+the plugin can be compared with AMT runs. Prints one JSON object (and writes it to --json).
 """
 
 from __future__ import annotations

@@ -31,10 +31,11 @@ masker; r is detached, so L_masker has no path to the predictor. The returned lo
 L_pred + sample_size * L_masker, so that after fairseq divides every gradient by sample_size
 the predictor gets the mean token loss and the masker the mean sequence loss.
 
-Validation also scores the predictor on a *fixed* uniformly random 15% mask (80/10/10),
-seeded per sample id and independent of the strategy, the batch and the worker count: the
-comparable yardstick `fixed_mask_loss` / `fixed_mask_acc`, overall and per frequency bucket
-of the dictionary (top100 / next900 / rest).
+Validation also scores the predictor on a *fixed* uniformly random 15% mask, every scored
+position's input `<mask>`, seeded per sample id and independent of the strategy, the batch
+and the worker count: the comparable yardstick `fixed_mask_loss` / `fixed_mask_acc`, beside
+the context-free reference `fixed_mask_ref_loss` and `fixed_mask_below_ref`, overall and per
+frequency bucket of the dictionary (top100 / next900 / rest); see `amt_plugin/yardstick.py`.
 
 Alternation: the masker trains on updates warmup, warmup + N, warmup + 2N, ... (N =
 --masker-update-freq); `groups_to_step` tells the task which parameter groups to step. On
@@ -64,15 +65,12 @@ from omegaconf import II, OmegaConf
 from torch import Tensor
 from torch.profiler import record_function
 
-from .. import masking
+from .. import masking, yardstick
 from ..models.predictor import PredictorEncoder
 
 logger = logging.getLogger(__name__)
 
 TOP_TYPES = 100  # "frequent" = the 100 most frequent types of the dictionary
-# Frequency buckets of the fixed-mask metrics, by the type's rank in the dictionary's counts:
-# the 100 most frequent types, the next 900, and the rest.
-BUCKETS = {"top100": (0, 100), "next900": (100, 1000), "rest": (1000, None)}
 
 
 @dataclass
@@ -113,6 +111,11 @@ class AdversarialMaskedLMCriterionConfig(FairseqDataclass):
     )
     span_max_length: int = field(
         default=10, metadata={"help": "--masking-strategy span: longest span (units)"}
+    )
+    fixed_mask_prob: float = field(
+        default=0.15,
+        metadata={"help": "share of tokens the fixed validation mask scores; keep it equal "
+                  "across runs that are compared (it does not follow --mask-prob on purpose)"},
     )
     fixed_mask_seed: int = field(
         default=0,
@@ -159,19 +162,17 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         special_ids = torch.tensor(task.special_token_ids(), dtype=torch.long)
         is_special = torch.zeros(len(d), dtype=torch.bool)
         is_special[special_ids] = True
-        # Frequency rank of every type (0 = most frequent), from the dictionary's counts.
-        counts = torch.tensor(d.count, dtype=torch.float64)
-        counts[is_special] = -1.0
-        order = counts.argsort(descending=True, stable=True)
-        rank = torch.empty(len(d), dtype=torch.long)
-        rank[order] = torch.arange(len(d))
+        counts = torch.tensor(d.count, dtype=torch.long)  # the training split's
+        rank = yardstick.frequency_rank(counts, is_special)  # 0 = most frequent
         # Not part of any checkpoint: they are rebuilt from the dictionary.
         self.register_buffer("special_ids", special_ids, persistent=False)
         self.register_buffer("replacement_ids", (~is_special).nonzero().squeeze(1),
                              persistent=False)
         self.register_buffer("freq_rank", rank, persistent=False)
         self.register_buffer("is_top", (rank < TOP_TYPES) & ~is_special, persistent=False)
-        self.register_buffer("counts", torch.tensor(d.count, dtype=torch.long), persistent=False)
+        self.register_buffer("counts", counts, persistent=False)
+        self.register_buffer("unigram_nll", yardstick.unigram_nll(counts, is_special),
+                             persistent=False)  # the context-free reference
         ws = task.is_word_start
         self.register_buffer("is_word_start", ws if ws is not None else torch.zeros(0),
                              persistent=False)
@@ -371,29 +372,12 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             logging_output.update(self.fixed_mask_metrics(model, sample, tokens, candidates))
         return Outcome(mlm_loss, masker_loss, trains, sample_size, logging_output)
 
-    @torch.no_grad()
     def fixed_mask_metrics(self, model, sample, tokens: Tensor, candidates: Tensor) -> dict:
-        """The predictor on a fixed uniform 15% mask (80/10/10), the same for a sample in
-        every run: loss and accuracy overall and per frequency bucket (sums and counts)."""
+        """The yardstick's sums for this batch (see `amt_plugin.yardstick`)."""
         ids = sample.get("id", torch.arange(tokens.size(0)))
-        mask, u, r = masking.fixed_mask(tokens, candidates, ids, self.task_cfg.mask_prob,
-                                        self.cfg.fixed_mask_seed)
-        corrupted = masking.corrupt_with_draws(
-            tokens, mask, u, r, self.mask_idx, self.replacement_ids,
-            self.task_cfg.leave_unmasked_prob, self.task_cfg.random_token_prob,
-        )
-        logits = model(corrupted, masked_tokens=mask)[0].float()  # (M, V)
-        targets = tokens[mask]
-        nll = F.cross_entropy(logits, targets, reduction="none")  # (M,) nats
-        correct = logits.argmax(-1) == targets
-        out = {"fixed_n": targets.numel(), "fixed_nll": nll.sum(), "fixed_correct": correct.sum()}
-        rank = self.freq_rank[targets]
-        for name, (lo, hi) in BUCKETS.items():
-            inside = (rank >= lo) & (rank < hi) if hi is not None else rank >= lo
-            out[f"fixed_n_{name}"] = inside.sum()
-            out[f"fixed_nll_{name}"] = (nll * inside).sum()
-            out[f"fixed_correct_{name}"] = (correct & inside).sum()
-        return out
+        return yardstick.score(model, tokens, candidates, ids, self.cfg.fixed_mask_prob,
+                               self.cfg.fixed_mask_seed, self.mask_idx, self.freq_rank,
+                               self.unigram_nll)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -425,20 +409,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
                            round=1)
         metrics.log_scalar("masked_share", n_masked / max(total("n_candidates"), 1.0),
                            round=4)
-        fixed_n = total("fixed_n")
-        if fixed_n > 0:  # validation only: the comparable yardstick
-            metrics.log_scalar("fixed_mask_loss", total("fixed_nll") / fixed_n / math.log(2),
-                               fixed_n, round=3)
-            metrics.log_scalar("fixed_mask_acc", total("fixed_correct") / fixed_n, fixed_n,
-                               round=4)
-            for name in BUCKETS:
-                n = total(f"fixed_n_{name}")
-                if n > 0:
-                    metrics.log_scalar(f"fixed_mask_loss_{name}",
-                                       total(f"fixed_nll_{name}") / n / math.log(2), n, round=3)
-                    metrics.log_scalar(f"fixed_mask_acc_{name}",
-                                       total(f"fixed_correct_{name}") / n, n, round=4)
-                metrics.log_scalar(f"fixed_mask_share_{name}", n / fixed_n, fixed_n, round=4)
+        yardstick.log_metrics(sums)  # validation only: the comparable yardstick
         picks = total("masker_picks")
         if picks > 0:
             metrics.log_scalar("masker_distinct_types", total("masker_distinct") / picks, picks,
