@@ -14,7 +14,8 @@ log p(token | the sentence with that token masked):
   rest of its word to its right, so a word split into many pieces is not scored as if each
   piece were nearly given by its neighbours (plain PLL's bias for such words);
 - `pll` (Salazar et al., ACL 2020): one token masked at a time.
-A pair counts as right when the good sentence scores higher; a tie counts half. Accuracy is
+A pair counts as right when the good sentence scores higher; a tie counts half. A pair with a
+sentence longer than the model's positions is left out (counted as `skipped_too_long`). Accuracy is
 given overall, per field (morphology, syntax, semantics, syntax/semantics) and per paradigm,
 in percent; with the same number of pairs per paradigm, overall is the mean of the paradigms.
 
@@ -238,13 +239,22 @@ def evaluate(checkpoint: Path, bpe_dir: Path, blimp_dir: Path | None = None,
         model.cuda()
     encode = load_encoder(bpe_dir)
     starts_table = word_start_table(d, bpe_dir)
-    sentences, starts = [], []
+    longest = model.max_positions() - 2  # <s> and </s>
+    sentences, starts, kept = [], [], []
     for p in pairs:
-        for key in ("sentence_good", "sentence_bad"):
-            ids = d.encode_line(encode(normalise(p[key], style)), add_if_not_exist=False,
-                                append_eos=False).long().tolist()
+        pair = [d.encode_line(encode(normalise(p[key], style)), add_if_not_exist=False,
+                              append_eos=False).long().tolist()
+                for key in ("sentence_good", "sentence_bad")]
+        if max(len(ids) for ids in pair) > longest:
+            continue  # a sentence the model cannot read whole: the pair is not scored
+        kept.append(p)
+        for ids in pair:
             sentences.append(ids)
             starts.append([True] + [starts_table[i] for i in ids[1:]])
+    if not kept:
+        raise BlimpError(f"every pair has a sentence longer than the model's {longest} "
+                         "positions")
+    skipped, pairs = len(pairs) - len(kept), kept
     pll = pseudo_log_likelihoods(model, sentences, starts, scoring, d.bos(), d.eos(), d.pad(),
                                  d.index("<mask>"))
     by_paradigm: dict[str, list[float]] = {}
@@ -253,14 +263,15 @@ def evaluate(checkpoint: Path, bpe_dir: Path, blimp_dir: Path | None = None,
         good, bad = pll[2 * n], pll[2 * n + 1]
         right = 1.0 if good > bad else 0.5 if good == bad else 0.0
         by_paradigm.setdefault(p["UID"], []).append(right)
-        field_of[p["UID"]] = p["field"]
+        field_of[p["UID"]] = p["field"].replace("_", "/")  # BLiMP spells it both ways
     paradigms = {u: 100 * statistics.fmean(v) for u, v in by_paradigm.items()}
     fields = {}
     for f in sorted(set(field_of.values())):
         fields[f] = statistics.fmean(a for u, a in paradigms.items() if field_of[u] == f)
     return {"accuracy": statistics.fmean(paradigms.values()), "fields": fields,
             "paradigms": paradigms, "scoring": scoring, "normalise": style,
-            "pairs": len(pairs), "pairs_per_paradigm": per_paradigm,
+            "pairs": len(pairs), "skipped_too_long": skipped,
+            "pairs_per_paradigm": per_paradigm,
             "source": str(blimp_dir) if blimp_dir else "shipped subset"}
 
 

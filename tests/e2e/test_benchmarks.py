@@ -169,3 +169,38 @@ def test_gpu_throughput_reads_fairseqs_numbers_above_a_million():
     assert gpu_throughput.steady_wps(log) == 1.1e6  # the median after the first third
     assert gpu_throughput.parse_log(log, "train_inner", "wps")[1] == (20, 1106750.0)
     assert gpu_throughput.parse_log(log, "train_inner", "loss")[-1] == (40, 11.362)
+
+
+def test_masking_quality_sensitivity_scores_control_plateau_and_trained(tmp_path):
+    from tests.e2e.test_pipeline import TINY, blimp_fixture, corpus_files
+
+    corpus = corpus_files(tmp_path / "corpus")
+    blimp = blimp_fixture(tmp_path / "blimp")
+    out = tmp_path / "q"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "masking_quality.py"), "--out", str(out),
+           "--corpus", str(corpus), "--vocab-size", "120", "--updates", "16",
+           "--plateau-update", "8", "--seeds", "2", "--glue", "SHUF", "--blimp-dir", str(blimp),
+           "--sensitivity", "--", *TINY[TINY.index("--") + 1:]]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=ENV, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    runs = sorted(p for p in out.glob("amt_tiny_u16*/random_s*") if p.is_dir())
+    assert [r.name for r in runs] == ["random_s1", "random_s2"]
+    for run_dir in runs:
+        kept = [p.name for p in (run_dir / "checkpoints").glob("checkpoint_*_*.pt")]
+        assert kept == ["checkpoint_plateau_8.pt"]  # not the other interval checkpoints
+        scores = {p: json.loads((run_dir / f"{p}.json").read_text())
+                  for p in ("control", "plateau", "trained")}
+        for s in scores.values():
+            assert {"test_fixed_mask_loss", "test_fixed_mask_ref_loss", "blimp",
+                    "SHUF_mcc"} <= set(s)
+        # the untrained control knows no context; all three share the reference
+        assert scores["control"]["test_fixed_mask_below_ref"] < 0
+        assert len({s["test_fixed_mask_ref_loss"] for s in scores.values()}) == 1
+    table = (next(out.glob("amt_tiny_u16*")) / "sensitivity.md").read_text()
+    assert table.startswith("| metric | control | plateau | trained | trained - plateau |")
+    for metric in ("| fixed_mask_loss |", "| fixed_mask_below_ref_next900 |", "| blimp |",
+                   "| SHUF_mcc |"):
+        assert metric in table
+    rows = [r for r in table.splitlines() if r.startswith("| fixed_mask_loss |")]
+    assert rows[0].rstrip(" |").endswith(("yes", "no"))

@@ -122,6 +122,7 @@ def test_highlight_and_plot_scripts_write_their_files(zipf_data, checkpoint, tmp
         (["rank", ckpt, "--data", str(zipf_data)], tmp_path / "rank.png"),
         (["training", f"amt={checkpoint[0].parent}"], tmp_path / "training.png"),
         (["buckets", f"amt={metrics}", f"again={metrics}"], tmp_path / "buckets.png"),
+        (["curve", f"amt={checkpoint[0].parent / 'train.log'}"], tmp_path / "curve.png"),
     ):
         run([sys.executable, str(scripts / "plot_masking.py"), *cmd, "--out", str(out)])
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

@@ -29,14 +29,19 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join(f"w{min(int(rng.paretovariate(1.2)), 199)}" for _ in range(n))
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
+def corpus_files(d: Path) -> Path:
+    """A tiny Zipf-like corpus in run.sh's directory layout."""
+    d.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for split, n in (("train", 1200), ("valid", 100), ("test", 300)):
         (d / f"{split}.txt").write_text(
             "".join(words(rng, rng.randint(6, 20)) + "\n" for _ in range(n)))
     return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return corpus_files(tmp_path_factory.mktemp("corpus"))
 
 
 def glue_fixtures(root: Path, rows: int = 40) -> Path:
@@ -68,25 +73,63 @@ def run_sh(*args: str, timeout: int = 900, cwd=None) -> subprocess.CompletedProc
                           text=True, env=RUN_ENV, timeout=timeout, cwd=cwd)
 
 
+def blimp_fixture(root: Path) -> Path:
+    """Two paradigms in BLiMP's jsonl format, in the corpus's words."""
+    root.mkdir()
+    for uid, field in (("agreement_1", "morphology"), ("island_1", "syntax")):
+        rows = [{"sentence_good": f"w1 w{i} w2 w3", "sentence_bad": f"w3 w{i} w1 w2",
+                 "field": field, "UID": uid, "pairID": str(i)} for i in range(6)]
+        (root / f"{uid}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
 def test_glue_path_end_to_end_on_fixtures(corpus, tmp_path):
     glue_fixtures(tmp_path / "glue")
+    blimp_fixture(tmp_path / "blimp")
     out = tmp_path / "out"
     # relative paths, as a user types them (fairseq-hydra-train changes directory)
     proc = run_sh("--out", "out", "--corpus", str(corpus), "--glue-dir", "glue",
-                  "--glue-update-scale", "0.005", "--glue-lr", "1e-4", *TINY, cwd=tmp_path)
+                  "--blimp-dir", "blimp", "--glue-update-scale", "0.005", "--glue-lr", "1e-4",
+                  *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-5000:]
-    results = json.loads((out / "results.json").read_text())["learned"]
+    columns = json.loads((out / "results.json").read_text())
+    assert list(columns) == ["learned", "control"]
+    results = columns["learned"]
     expected = {"RTE": {"accuracy"}, "MRPC": {"f1", "accuracy"},
                 "STS-B": {"pearson", "spearman"}, "CoLA": {"mcc"}, "SST-2": {"accuracy"}}
-    assert {t: set(m) - {"seeds"} for t, m in results["glue"].items()} == expected
-    for task, metrics in expected.items():
-        for m in metrics:
-            assert -100.0 <= results["glue"][task][m] <= 100.0
-    assert results["pretrain"]["valid_loss"] > 0 and results["pretrain"]["test_loss"] > 0
+    for column in columns.values():  # the control gets the same rows
+        assert {t: set(m) - {"seeds"} for t, m in column["glue"].items()} == expected
+        for task, metrics in expected.items():
+            for m in metrics:
+                value = column["glue"][task][m]  # in percent, MCC and correlations too
+                assert -100.0 <= value <= 100.0 and value == value
+        pretrain = column["pretrain"]
+        for split in ("valid", "test"):  # the reference beside the loss, per bucket
+            buckets = [b for b in ("", "_top100", "_next900", "_rest")  # non-empty ones
+                       if pretrain.get(f"{split}_fixed_mask_share{b}", 1.0) > 0]
+            assert buckets[:2] == ["", "_top100"]
+            for b in buckets:
+                loss = pretrain[f"{split}_fixed_mask_loss{b}"]
+                ref = pretrain[f"{split}_fixed_mask_ref_loss{b}"]
+                assert 0 < loss < 30 and 0 < ref < 30
+                assert abs(pretrain[f"{split}_fixed_mask_below_ref{b}"] - (ref - loss)) < 2e-3
+        blimp = column["blimp"]
+        assert blimp["pairs"] == 12 and set(blimp["fields"]) == {"morphology", "syntax"}
+        assert set(blimp["paradigms"]) == {"agreement_1", "island_1"}
+        assert all(a * 6 / 100 * 2 == round(a * 6 / 100 * 2) for a in blimp["paradigms"].values())
+    # both columns are scored on the same positions: the same reference
+    assert columns["control"]["pretrain"]["test_fixed_mask_ref_loss"] == \
+        results["pretrain"]["test_fixed_mask_ref_loss"]
+    # an untrained model knows nothing: it is no better than the reference
+    assert columns["control"]["pretrain"]["test_fixed_mask_below_ref"] < 0
     table = (out / "results.md").read_text()
     for task, metrics in expected.items():
         for m in metrics:
             assert f"| {task} {m} (median of 1 seeds) |" in table
+    for row in ("| fixed-mask loss, test (bits): all tokens | ", "| bits below the reference",
+                "| BLiMP accuracy (%), 12 pairs | 50.0 |", "|   syntax | 50.0 |",
+                "| | context-free reference | learned | control |"):
+        assert row in table
     # the exported predictor is a stock roberta checkpoint: no masker keys
     import torch
 
@@ -119,11 +162,13 @@ def test_killed_after_pretraining_resumes_without_redoing_stages(corpus, tmp_pat
     assert "=== pretrain: amt_tiny, learned masking" not in second.stdout
     assert ckpt.stat().st_mtime_ns == mtime  # not trained again
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"learned", "random"}
+    assert set(results) == {"learned", "random", "control"}
     assert set(results["random"]["glue"]) == {"SHUF", "NEXT"}
     third = run_sh(*args[1:])  # everything done: nothing is recomputed
     assert "=== pretrain: amt_tiny" not in third.stdout
-    assert "fine-tune" not in third.stdout
+    assert ": fine-tune the " not in third.stdout  # no fine-tuning banner
+    assert "the same model, randomly initialised" not in third.stdout  # the control is kept
+    assert third.stdout.count("blimp.json exists, skipped") == 3
 
 
 def gpt2_files(d: Path) -> Path:
@@ -147,6 +192,10 @@ def test_gpt2_bpe_path_pretrains_and_exports(corpus, tmp_path):
     assert first and all(x.isdigit() for x in first)  # GPT-2 ids, as fairseq's recipe writes
     assert (out / "bin" / "dict.txt").read_text() == (tmp_path / "gpt2" / "dict.txt").read_text()
     assert (out / "learned" / "roberta" / "model.pt").is_file()
+    # BLiMP reads word starts from GPT-2's byte-level symbols; pairs too long for 64
+    # positions are left out, and said so
+    blimp = json.loads((out / "learned" / "blimp.json").read_text())
+    assert blimp["pairs"] > 100 and blimp["skipped_too_long"] > 0
 
 
 def test_download_from_a_local_file_server(tmp_path):
@@ -205,7 +254,8 @@ def test_wikitext_download_from_a_local_file_server(tmp_path):
     try:  # the first location is down: the mirror is used
         pipeline.fetch_wikitext([f"http://127.0.0.1:{port}/missing/wikitext-103-raw-v1.zip",
                                  f"http://127.0.0.1:{port}/wikitext-103-raw-v1.zip"],
-                                dest, tmp_path / "downloads")
+                                pipeline.WIKITEXT_FILES["wikitext-103"], dest,
+                                tmp_path / "downloads")
     finally:
         server.shutdown()
     assert (dest / "valid.txt").read_text() == "= Heading valid =\nSome valid text .\n"
