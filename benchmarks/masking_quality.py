@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=("valid", "test"),
                         help="the split the table reports (choose recipes on valid)")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # fairseq-hydra-train runs in a directory of its own
     import yaml
 
     config_updates = yaml.safe_load((ROOT / "configs" / f"{args.config}.yaml").read_text())[
