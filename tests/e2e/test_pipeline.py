@@ -233,18 +233,20 @@ def test_download_from_a_local_file_server(tmp_path):
     glue.check_task_dir(glue.TASKS["MRPC"], dest)  # the layout fine-tuning expects
 
 
-def test_wikitext_download_from_a_local_file_server(tmp_path):
+@pytest.mark.parametrize("corpus", ["wikitext-103", "wikitext-2"])
+def test_wikitext_download_from_a_local_file_server(tmp_path, corpus):
     import sys
 
     sys.path.insert(0, str(ROOT / "scripts"))
     import pipeline
 
+    archive = Path(pipeline.CORPORA[corpus][0]).name
+    files = pipeline.WIKITEXT_FILES[corpus]
     served = tmp_path / "served"
     served.mkdir()
-    with zipfile.ZipFile(served / "wikitext-103-raw-v1.zip", "w") as z:
-        for split in ("train", "valid", "test"):
-            z.writestr(f"wikitext-103-raw/wiki.{split}.raw",
-                       f" \n = Heading {split} = \n \n Some {split} text . \n")
+    with zipfile.ZipFile(served / archive, "w") as z:
+        for split, name in files.items():
+            z.writestr(f"{corpus}/{name}", f" \n = Heading {split} = \n \n Some {split} text . \n")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -252,10 +254,9 @@ def test_wikitext_download_from_a_local_file_server(tmp_path):
     dest = tmp_path / "text"
     dest.mkdir()
     try:  # the first location is down: the mirror is used
-        pipeline.fetch_wikitext([f"http://127.0.0.1:{port}/missing/wikitext-103-raw-v1.zip",
-                                 f"http://127.0.0.1:{port}/wikitext-103-raw-v1.zip"],
-                                pipeline.WIKITEXT_FILES["wikitext-103"], dest,
-                                tmp_path / "downloads")
+        pipeline.fetch_wikitext([f"http://127.0.0.1:{port}/missing/{archive}",
+                                 f"http://127.0.0.1:{port}/{archive}"],
+                                files, dest, tmp_path / "downloads")
     finally:
         server.shutdown()
     assert (dest / "valid.txt").read_text() == "= Heading valid =\nSome valid text .\n"
