@@ -184,7 +184,6 @@ def pseudo_log_likelihoods(model, sentences: list[list[int]], word_starts: list[
     pll = [0.0] * len(sentences)
     start = 0
     while start < len(rows):
-        T = len(rows[start][1])
         end = start + 1
         while end < len(rows) and (end - start + 1) * len(rows[end][1]) <= max_tokens:
             end += 1
