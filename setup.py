@@ -27,5 +27,10 @@ setup(
         "hydra-core==1.3.2",
         "omegaconf==2.3.0",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={
+        "test": ["pytest", "ruff"],
+        # scripts/export_hf.py and the Hugging Face export of run.sh (accelerate: the Trainer)
+        "hf": ["transformers==5.23.0", "safetensors==0.8.0", "tokenizers==0.23.3",
+               "accelerate==1.15.0"],
+    },
 )

@@ -5,8 +5,8 @@ Everything here works on a padded batch `tokens (B, T)` and a boolean `candidate
 
 - `budget`: exactly `k = max(1, round(mask_prob * n))` units per sequence of `n` candidates.
 - `true_positions`: where the mask is, without a host-device sync when its size is known.
-- `word_starts` / `from_word_start`: whole-word mode, where the unit is a word and a chosen word
-  masks all of its pieces.
+- `symbol_starts_word`, `word_starts` / `from_word_start`: whole-word mode, where the unit is
+  a word and a chosen word masks all of its pieces.
 - `uniform_select`: `k` units uniformly without replacement (fairseq's random masking).
 - `gumbel_top_k`: `k` units without replacement from softmax(logits / temperature), plus the
   exact Plackett-Luce log-probability of the ordered draw (the masker's policy gradient).
@@ -60,6 +60,18 @@ def true_positions(flags: Tensor, count: int) -> Tensor:
     slot = torch.where(flags, is_true.cumsum(0) - 1, count + (1 - is_true).cumsum(0) - 1)
     order = torch.arange(flags.numel(), device=flags.device)
     return torch.empty_like(order).scatter_(0, slot, order)[:count]
+
+
+def symbol_starts_word(symbols: list[str], gpt2_encoder: dict[str, int] | None = None
+                       ) -> list[bool]:
+    """Does each dictionary symbol begin a word? SentencePiece pieces do when they start with
+    U+2581. With GPT-2 BPE (`gpt2_encoder`: its encoder.json) the symbols are GPT-2 token ids
+    written as text, and a token begins a word when its byte-level form starts with a space
+    (U+0120); a symbol that is not an id counts as a word of its own."""
+    if gpt2_encoder is None:
+        return [s.startswith("\u2581") for s in symbols]
+    token = {i: t for t, i in gpt2_encoder.items()}
+    return [not s.isdigit() or token.get(int(s), "").startswith("\u0120") for s in symbols]
 
 
 def word_starts(tokens: Tensor, candidates: Tensor, is_word_start: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ sys.path.insert(0, str(HERE))
 from bpe import load_encoder  # noqa: E402
 
 import amt_plugin  # noqa: E402,F401  (weights-only checkpoint loading; AMT checkpoints)
+from amt_plugin.masking import symbol_starts_word  # noqa: E402
 
 SHIPPED = HERE / "blimp" / "blimp_subset.jsonl"
 BLIMP_URL = "https://raw.githubusercontent.com/alexwarstadt/blimp/master/data/{}.jsonl"
@@ -220,13 +221,12 @@ def load_model(checkpoint: Path, data: Path | None):
 
 
 def word_start_table(dictionary, bpe_dir: Path) -> list[bool]:
-    """Does each dictionary symbol begin a word? SentencePiece marks word starts with U+2581;
-    GPT-2 BPE's symbols are token ids whose byte string starts with a space."""
+    """Does each dictionary symbol begin a word? (SentencePiece or GPT-2 BPE, as the task reads
+    it for whole-word masking)."""
     if (bpe_dir / "spm.model").is_file():
-        return [s.startswith("\u2581") for s in dictionary.symbols]
-    decoder = {v: k for k, v in json.loads((bpe_dir / "encoder.json").read_text()).items()}
-    return [s.isdigit() and decoder.get(int(s), "").startswith("\u0120")
-            for s in dictionary.symbols]
+        return symbol_starts_word(dictionary.symbols)
+    return symbol_starts_word(dictionary.symbols,
+                              json.loads((bpe_dir / "encoder.json").read_text()))
 
 
 def evaluate(checkpoint: Path, bpe_dir: Path, blimp_dir: Path | None = None,

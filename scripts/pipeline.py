@@ -11,12 +11,14 @@ Stages, each writing under --out, skipped when its output exists, re-runnable:
   7 blimp      STRATEGY/blimp.json                  BLiMP minimal pairs, zero-shot (PLL)
   8 glue       glue_data/ glue_bin/ STRATEGY/glue/  fairseq sentence_prediction, several seeds
   9 results    results.md results.json              one column per strategy, and the control
-With --compare STRATEGY, stages 4-8 run for a second masking strategy too, same budget.
+With --compare STRATEGY[,STRATEGY...], stages 4-8 run for other masking strategies too, same
+budget, one column each.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -30,9 +32,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
 
 import glue  # noqa: E402
 from bpe import encode_files, train_sentencepiece  # noqa: E402
+
+from amt_plugin.tasks.adversarial_masked_lm import MASKING_STRATEGIES  # noqa: E402
 
 CORPORA = {
     # WikiText-103, raw: the location fairseq's RoBERTa pretraining README uses, then a mirror
@@ -283,6 +288,8 @@ def stage_pretrain(args: argparse.Namespace, data: Path, strategy: str) -> Path:
         f"task.masking_strategy={strategy}", f"checkpoint.save_dir={ckpt}",
         f"common.tensorboard_logdir={work / 'tensorboard'}", f"hydra.run.dir={work / 'hydra'}",
     ]
+    if args.bpe == "gpt2":  # word starts for --mask-whole-words, read locally
+        overrides.append(f"++task.gpt2_encoder_json={args.out / 'bpe' / 'encoder.json'}")
     overrides += device_overrides(args)
     if args.max_update:
         overrides.append(f"optimization.max_update={args.max_update}")
@@ -306,15 +313,33 @@ def device_overrides(args: argparse.Namespace) -> list[str]:
 
 def stage_export(args: argparse.Namespace, checkpoint: Path, data: Path,
                  strategy: str) -> Path:
+    """The predictor as a stock fairseq RoBERTa (roberta/, with its BPE files beside it) and
+    for Hugging Face transformers (hf/)."""
     from export_roberta import export
 
     out = args.out / strategy / "roberta"
+    hf = args.out / strategy / "hf"
     if (out / "model.pt").is_file() and (out / "model.pt").stat().st_mtime >= \
             checkpoint.stat().st_mtime:
         banner("export", f"{out / 'model.pt'} is up to date, skipped")
+    else:
+        banner("export", f"predictor of {checkpoint} -> {out / 'model.pt'} (stock roberta)")
+        export(checkpoint, out, data)
+        for f in ("spm.model", "encoder.json", "vocab.bpe"):  # what fairseq's bpe= reads
+            if (args.out / "bpe" / f).is_file():
+                shutil.copy(args.out / "bpe" / f, out / f)
+    if (hf / "config.json").is_file() and (hf / "config.json").stat().st_mtime >= \
+            (out / "model.pt").stat().st_mtime:
+        banner("export", f"{hf} is up to date, skipped")
         return out
-    banner("export", f"predictor of {checkpoint} -> {out / 'model.pt'} (stock roberta)")
-    export(checkpoint, out, data)
+    if importlib.util.find_spec("transformers") is None:  # the optional [hf] extra
+        banner("export", "Hugging Face export skipped: transformers is not installed "
+                         "(pip install -e .[hf])")
+        return out
+    from export_hf import export_hf
+
+    banner("export", f"predictor of {checkpoint} -> {hf} (Hugging Face transformers)")
+    export_hf(checkpoint, hf, data, args.out / "bpe")
     return out
 
 
@@ -538,9 +563,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", default=os.environ.get("AMT_CONFIG", "amt_tiny"),
                    help="configs/NAME.yaml: architecture, updates, batch, learning rates")
     p.add_argument("--max-update", type=int, help="override the config's max_update")
-    p.add_argument("--masking-strategy", choices=["learned", "random"], default="learned")
-    p.add_argument("--compare", choices=["random"],
-                   help="also run the same pipeline with random masking, side by side")
+    p.add_argument("--masking-strategy", choices=MASKING_STRATEGIES, default="learned")
+    p.add_argument("--compare", default="",
+                   help="comma-separated strategies to run the same pipeline with, side by "
+                        f"side (any of {', '.join(MASKING_STRATEGIES)})")
     p.add_argument("--glue", default=None,
                    help="comma-separated tasks (default: SHUF,NEXT offline proxies; with "
                         "--glue-dir or --download-glue: RTE,MRPC,STS-B,CoLA,SST-2)")
@@ -588,6 +614,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.gpus = torch.cuda.device_count()
         args.cpu = args.gpus == 0
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.compare = [s.strip() for s in args.compare.split(",") if s.strip()]
+    unknown = [s for s in args.compare if s not in MASKING_STRATEGIES]
+    if unknown:
+        p.error(f"--compare: unknown strategy {', '.join(unknown)}; choose from "
+                f"{', '.join(MASKING_STRATEGIES)}")
     return args
 
 
@@ -599,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         text = stage_corpus(args)
         bpe = stage_bpe(args, text)
         data = stage_binarize(args, bpe)
-        strategies = [args.masking_strategy] + ([args.compare] if args.compare else [])
+        strategies = [args.masking_strategy, *args.compare]
         columns = {}
         trained = None
         for strategy in [*dict.fromkeys(strategies), *(["control"] if args.control else [])]:

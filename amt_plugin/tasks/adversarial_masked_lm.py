@@ -12,8 +12,11 @@ model stepped through amt_adam's fp32 master weights (`--bf16-weights`), torch.c
 
 
 import contextlib
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -161,7 +164,13 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
     word_boundaries: ChoiceEnum(["sentencepiece", "gpt2"]) = field(
         default="sentencepiece",
         metadata={"help": "how --mask-whole-words finds word starts in the dictionary: "
-                  "SentencePiece pieces starting with '\u2581', or fairseq's GPT-2 BPE"},
+                  "SentencePiece pieces starting with '\u2581', or GPT-2 BPE token ids "
+                  "(read from --gpt2-encoder-json)"},
+    )
+    gpt2_encoder_json: Optional[str] = field(
+        default=None,
+        metadata={"help": "GPT-2 BPE's encoder.json, for --word-boundaries gpt2: a local "
+                  "file, never downloaded"},
     )
 
 
@@ -213,10 +222,16 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         """(V,) bool: does this dictionary symbol begin a word?"""
         d = self.dictionary
         if self.cfg.word_boundaries == "gpt2":
-            from fairseq.data.encoders.gpt2_bpe import GPT2BPE, GPT2BPEConfig
-
-            bpe = GPT2BPE(GPT2BPEConfig())
-            begins = bpe.is_beginning_of_word
+            path = self.cfg.gpt2_encoder_json
+            if not path or not os.path.isfile(path):
+                missing = f" ({path} does not exist)" if path else ""
+                raise ValueError(
+                    "--mask-whole-words with --word-boundaries gpt2 reads word starts from "
+                    f"GPT-2's encoder.json, which is never downloaded{missing}: pass "
+                    "--gpt2-encoder-json PATH, the file the corpus was encoded with"
+                )
+            with open(path, encoding="utf-8") as f:
+                begins = masking.symbol_starts_word(d.symbols, json.load(f))
         else:
             if not any(s.startswith("\u2581") for s in d.symbols):
                 raise ValueError(
@@ -225,12 +240,9 @@ class AdversarialMaskedLMTask(MaskedLMTask):
                     "none. Encode the corpus with SentencePiece, or pass "
                     "--word-boundaries gpt2 for GPT-2 BPE data"
                 )
-
-            def begins(sym: str) -> bool:
-                return sym.startswith("\u2581")
-
+            begins = masking.symbol_starts_word(d.symbols)
         table = [
-            i < d.nspecial or sym.startswith("madeupword") or sym == "<mask>" or begins(sym)
+            i < d.nspecial or sym.startswith("madeupword") or sym == "<mask>" or begins[i]
             for i, sym in enumerate(d.symbols)
         ]
         return torch.tensor(table, dtype=torch.bool)

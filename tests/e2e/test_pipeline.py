@@ -136,6 +136,11 @@ def test_glue_path_end_to_end_on_fixtures(corpus, tmp_path):
     exported = torch.load(out / "learned" / "roberta" / "model.pt", weights_only=True)
     assert exported["cfg"]["model"]["arch"] == "roberta"
     assert not any(k.startswith("masker.") for k in exported["model"])
+    assert (out / "learned" / "roberta" / "spm.model").is_file()  # fairseq's bpe= reads it
+    for column in ("learned", "control"):  # and the Hugging Face export beside it
+        hf = out / column / "hf"
+        assert json.loads((hf / "config.json").read_text())["model_type"] == "roberta"
+        assert (hf / "model.safetensors").is_file() and (hf / "tokenizer_config.json").is_file()
     assert not (tmp_path / "checkpoints").exists()  # nothing left in the working directory
 
 
@@ -196,6 +201,22 @@ def test_gpt2_bpe_path_pretrains_and_exports(corpus, tmp_path):
     # positions are left out, and said so
     blimp = json.loads((out / "learned" / "blimp.json").read_text())
     assert blimp["pairs"] > 100 and blimp["skipped_too_long"] > 0
+
+
+def test_every_masking_strategy_can_run_and_be_compared():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pipeline
+
+    from amt_plugin.tasks.adversarial_masked_lm import MASKING_STRATEGIES
+
+    for strategy in MASKING_STRATEGIES:
+        others = [s for s in MASKING_STRATEGIES if s != strategy]
+        args = pipeline.parse_args(["--masking-strategy", strategy, "--compare", ",".join(others)])
+        assert (args.masking_strategy, args.compare) == (strategy, others)
+    proc = run_sh("--compare", "random,nonsense")
+    assert proc.returncode == 2 and "--compare: unknown strategy nonsense" in proc.stdout
 
 
 def test_download_from_a_local_file_server(tmp_path):
