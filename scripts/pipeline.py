@@ -325,9 +325,9 @@ def stage_export(args: argparse.Namespace, checkpoint: Path, data: Path,
     else:
         banner("export", f"predictor of {checkpoint} -> {out / 'model.pt'} (stock roberta)")
         export(checkpoint, out, data)
-        for f in ("spm.model", "encoder.json", "vocab.bpe"):  # what fairseq's bpe= reads
-            if (args.out / "bpe" / f).is_file():
-                shutil.copy(args.out / "bpe" / f, out / f)
+    for f in ("spm.model", "encoder.json", "vocab.bpe"):  # what fairseq's bpe= reads
+        if (args.out / "bpe" / f).is_file() and not (out / f).is_file():
+            shutil.copy(args.out / "bpe" / f, out / f)
     if (hf / "config.json").is_file() and (hf / "config.json").stat().st_mtime >= \
             (out / "model.pt").stat().st_mtime:
         banner("export", f"{hf} is up to date, skipped")

@@ -151,6 +151,11 @@ def test_hf_export_gives_fairseq_ids_and_logits(exported, kind):
         assert (got - want).abs().max() < 1e-4, line
     if kind == "sentencepiece":  # the unseen characters really were <unk> on both sides
         assert unknown > 0
+    # the documented difference: text spelling a special token is that token for
+    # transformers, and plain text for fairseq's encode
+    literal = "The cat sees <unk> ."
+    hf_ids, fs_ids = tokenizer(literal)["input_ids"], hub.encode(literal).tolist()
+    assert hf_ids.count(d.unk()) == 1 and len(fs_ids) > len(hf_ids)
     # a padded batch: the attention mask keeps every sentence's logits
     batch = tokenizer(held_out_lines()[:4], padding=True, return_tensors="pt")
     with torch.no_grad():
