@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()  # fairseq-hydra-train runs in a directory of its own
     import yaml
 
-    config_updates = yaml.safe_load((ROOT / "configs" / f"{args.config}.yaml").read_text())[
-        "optimization"]["max_update"]
+    config = yaml.safe_load((ROOT / "configs" / f"{args.config}.yaml").read_text())
+    config_updates = config["optimization"]["max_update"]
     seeds = args.seeds or (1 if args.quick else 3)
     updates = args.updates or (300 if args.quick else config_updates)
     plateau = args.plateau_update or max(1, updates // 10)
@@ -251,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"{args.config}_u{updates}_{args.corpus.rstrip('/').split('/')[-1]}"
     if overrides:
         tag += "_" + hashlib.sha1(" ".join(overrides).encode()).hexdigest()[:8]
+    # the masker starts at the same fraction of a shorter or longer run (explicit overrides win)
+    warmup = config.get("criterion", {}).get("masker_warmup_updates")
+    if warmup and updates != config_updates and not any(
+            o.startswith("criterion.masker_warmup_updates=") for o in overrides):
+        overrides = [*overrides, "criterion.masker_warmup_updates="
+                     f"{round(warmup * updates / config_updates)}"]
     (args.out / tag).mkdir(parents=True, exist_ok=True)
     (args.out / tag / "overrides.txt").write_text(" ".join(overrides) + "\n")
     strategies = ["random"] if args.sensitivity else args.strategies.split(",")

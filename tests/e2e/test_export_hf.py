@@ -193,7 +193,8 @@ def test_hf_export_loads_without_fairseq_or_the_plugin(exported):
 
 
 def test_sequence_classification_trains_with_the_trainer(exported, tmp_path):
-    """A GLUE-style task (does the sentence end in '?'): the loss falls under the Trainer."""
+    """A GLUE fixture in SST-2's layout (label: does the sentence end in '?'): the loss falls
+    under the Trainer."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -201,13 +202,19 @@ def test_sequence_classification_trains_with_the_trainer(exported, tmp_path):
         TrainingArguments,
     )
 
-    hf = exported["sentencepiece"] / "hf"
-    tokenizer = AutoTokenizer.from_pretrained(hf)
     rng = random.Random(5)
     rows = [sentence(rng) for _ in range(64)]
-    enc = tokenizer(rows, padding=True)
-    data = [{"input_ids": i, "attention_mask": m, "labels": int(r.endswith("?"))}
-            for i, m, r in zip(enc["input_ids"], enc["attention_mask"], rows)]
+    tsv = tmp_path / "SST-2" / "train.tsv"
+    tsv.parent.mkdir()
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{r}\t{int(r.endswith('?'))}\n" for r in rows))
+    header, *lines = tsv.read_text().splitlines()
+    assert header.split("\t") == ["sentence", "label"]
+    rows, labels = zip(*(line.split("\t") for line in lines))
+    hf = exported["sentencepiece"] / "hf"
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    enc = tokenizer(list(rows), padding=True)
+    data = [{"input_ids": i, "attention_mask": m, "labels": int(y)}
+            for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(hf, num_labels=2)
 
