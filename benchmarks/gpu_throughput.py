@@ -72,6 +72,9 @@ from pathlib import Path
 from zipf_corpus import make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from amt_plugin import logs  # noqa: E402
+
 # fairseq-train in-process, then report the peak GPU memory. fairseq's trainer resets the peak
 # after every update (for its gb_free), so the peak is also read just before each reset.
 # For --torch-compile runs it also reports, at the end (nothing is logged while it measures
@@ -168,8 +171,7 @@ def throughput(data: Path, flags: list[str], updates: int, cpu: bool, timeout: i
 def steady_wps(out: str) -> float:
     """fairseq's tokens/s in a training log: the median over the logging windows after the
     first third (which hold the start-up and compiling)."""
-    wps = [float(x) for x in re.findall(rf"\| train_inner \|.* wps=({NUMBER})", out)] or \
-        [float(x) for x in re.findall(rf"wps=({NUMBER})", out)]
+    wps = [e["wps"] for e in logs.records(out, "train_inner") if isinstance(e.get("wps"), float)]
     if not wps:
         raise RuntimeError("no wps in the log:\n" + out[-2000:])
     return statistics.median(wps[len(wps) // 3:] or wps)
@@ -469,16 +471,8 @@ def numerics(args, data: Path, cpu: bool, clock: Clock) -> dict:
 
 
 def parse_log(out: str, kind: str, key: str) -> list[tuple[int, float]]:
-    """(num_updates, value of key) from fairseq's simple-format lines of one kind."""
-    pairs = []
-    for line in out.splitlines():
-        if f"| {kind} |" not in line:
-            continue
-        value = re.search(rf"(?<!\w){key}[ =]({NUMBER})", line)
-        update = re.search(r"num_updates[ =](\d+)", line)
-        if value and update:
-            pairs.append((int(update.group(1)), float(value.group(1))))
-    return pairs
+    """(num_updates, value of key) from fairseq's lines of one kind."""
+    return logs.series(logs.records(out, kind), key)
 
 
 def main(argv: list[str] | None = None) -> int:

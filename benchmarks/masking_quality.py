@@ -49,6 +49,8 @@ import pipeline  # noqa: E402
 from evaluate_checkpoint import evaluate  # noqa: E402
 from export_roberta import export, random_init  # noqa: E402
 
+from amt_plugin import logs  # noqa: E402
+
 STRATEGIES = ("random", "frequency", "span", "learned")
 BUCKETS = ("", "_top100", "_next900", "_rest")
 PREDICTORS = ("control", "plateau", "trained")
@@ -91,15 +93,14 @@ def pretrain(data: Path, work: Path, config: str, strategy: str, seed: int, upda
 
 def train_stats(log: Path) -> dict[str, float]:
     """Median tokens/s after the first window, and the final masker diagnostics."""
-    inner = [dict(re.findall(r"(\w+)=([-\d.e]+)", line))
-             for line in log.read_text().splitlines() if "[train_inner]" in line]
+    inner = logs.read(log, "train_inner")
     if not inner:
         return {}
-    stats = {"wps": statistics.median(float(x["wps"]) for x in inner[1:] or inner)}
+    stats = {"wps": statistics.median(x["wps"] for x in inner[1:] or inner)}
     last = inner[-1]
     if "masker_distinct_types" in last:
-        stats["collapsed"] = float(float(last["masker_entropy"]) < 1.0
-                                   or float(last["masker_distinct_types"]) < 0.2)
+        stats["collapsed"] = float(last["masker_entropy"] < 1.0
+                                   or last["masker_distinct_types"] < 0.2)
     return stats
 
 

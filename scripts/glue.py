@@ -306,24 +306,20 @@ def finetune_command(task: Task, data: Path, checkpoint: Path, shape_args: list[
 def best_scores(task: Task, log: str) -> dict[str, float]:
     """The dev scores at the validation where the task's first metric peaked (fairseq's
     sentence_prediction logs them per validation), one entry per metric and dev split."""
-    import json
+    from amt_plugin import logs
 
     subsets = ["valid"] + [f"valid{i}" for i in range(1, len(task.dev_splits))]
-    per_subset: dict[str, list[dict]] = {s: [] for s in subsets}
-    for line in log.splitlines():
-        for s in subsets:
-            if f"| {s} | {{" in line:
-                per_subset[s].append(json.loads(line[line.index("{"):]))
+    per_subset = {s: logs.records(log, s) for s in subsets}
     rounds = per_subset["valid"]
     if not rounds:
         raise RuntimeError(f"no validation results found for {task.name}")
-    key = f"valid_{task.metrics[0]}"
-    best = max(range(len(rounds)), key=lambda i: float(rounds[i].get(key, "-inf")))
+    key = task.metrics[0]
+    best = max(range(len(rounds)), key=lambda i: float(rounds[i].get(key, float("-inf"))))
     scores = {}
     for s, dev in zip(subsets, task.dev_splits):
         entry = per_subset[s][best] if best < len(per_subset[s]) else per_subset[s][-1]
         for m in task.metrics:
-            value = entry.get(f"{s}_{m}")
+            value = entry.get(m)
             if value is not None:
                 name = m if len(task.dev_splits) == 1 else f"{m}_{dev.split('_')[-1]}"
                 scores[name] = float(value)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import glue  # noqa: E402
 from bpe import encode_files, train_sentencepiece  # noqa: E402
 
+from amt_plugin import logs  # noqa: E402
 from amt_plugin.tasks.adversarial_masked_lm import MASKING_STRATEGIES  # noqa: E402
 
 CORPORA = {
@@ -458,13 +459,10 @@ def stage_evaluate(args: argparse.Namespace, data: Path, checkpoint: Path,
                "--skip-invalid-size-inputs-valid-test", *(["--cpu"] if args.cpu else [])],
               log=args.out / strategy / "validate.log", quiet=True)
     scores = {}
-    for line in log.splitlines():
-        for subset in ("valid", "test"):
-            if f"| {subset} | {{" in line:
-                entry = json.loads(line[line.index("{"):])
-                prefix = f"{subset}_"
-                scores.update({k: float(v) for k, v in entry.items() if k.startswith(prefix)
-                               and k[len(prefix):].startswith(EVALUATED)})
+    for subset in ("valid", "test"):
+        for entry in logs.records(log, subset):
+            scores.update({f"{subset}_{k}": float(v) for k, v in entry.items()
+                           if k.startswith(EVALUATED)})
     return scores
 
 

