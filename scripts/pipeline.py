@@ -160,6 +160,8 @@ def check_corpus_dir(path: Path) -> None:
 
 # --- stages ------------------------------------------------------------------------------------
 
+SKIPPABLE = {"evaluate", "blimp", "glue"}
+
 def same_settings(stage_dir: Path, settings: dict) -> None:
     """A finished stage is reused only if it was made with these settings; never redone
     over existing output without the user deciding to."""
@@ -281,9 +283,23 @@ def stage_pretrain(args: argparse.Namespace, data: Path, strategy: str) -> Path:
             and (ckpt / "checkpoint_last.pt").is_file():
         banner("pretrain", f"{ckpt} finished with these settings, skipped")
         return ckpt / "checkpoint_last.pt"
+    # a run is resumed only under the settings it started with
+    started = work / "pretrain.settings.json"
+    if (ckpt / "checkpoint_last.pt").is_file() or done.is_file():
+        before = json.loads(started.read_text()) if started.is_file() else \
+            json.loads(done.read_text()) if done.is_file() else None
+        if before is not None and [before[0], *before[2:]] != [settings[0], *settings[2:]]:
+            raise PipelineError(
+                f"{work} was pretrained with config and overrides {[before[0], *before[2:]]}, "
+                f"not {[settings[0], *settings[2:]]}; resuming it under new settings would mix "
+                f"the two. Use another --out, or delete {work} to pretrain afresh")
+        if before is not None and before[1] != settings[1]:  # a longer (or shorter) run
+            banner("pretrain", f"--max-update {before[1]} -> {settings[1]}: continuing the "
+                               "same run from its last checkpoint")
+    work.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(settings))
     banner("pretrain", f"{args.config}, {strategy} masking -> {ckpt} "
                        "(resumes from checkpoint_last.pt if present)")
-    work.mkdir(parents=True, exist_ok=True)
     overrides = [
         f"task.data={data}", f"common.user_dir={ROOT / 'amt_plugin'}",
         f"task.masking_strategy={strategy}", f"checkpoint.save_dir={ckpt}",
@@ -612,6 +628,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.gpus = torch.cuda.device_count()
         args.cpu = args.gpus == 0
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.skip - SKIPPABLE:
+        p.error(f"--skip: unknown stage {', '.join(sorted(args.skip - SKIPPABLE))}; the stages "
+                f"that can be skipped are {', '.join(sorted(SKIPPABLE))}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be 1 or more (fine-tuning seeds per task), got {args.seeds}")
     args.compare = [s.strip() for s in args.compare.split(",") if s.strip()]
     unknown = [s for s in args.compare if s not in MASKING_STRATEGIES]
     if unknown:

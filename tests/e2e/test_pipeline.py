@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -293,6 +294,32 @@ def test_changed_settings_do_not_silently_reuse_or_overwrite_a_stage(corpus, tmp
                   timeout=120)
     assert proc.returncode == 2 and "was made with" in proc.stdout, proc.stdout[-2000:]
     assert (out / "bpe" / "spm.model").read_text() == "made earlier"
+
+
+def test_pretraining_is_not_resumed_under_other_settings(tmp_path):
+    out = tmp_path / "out"
+    ckpt = out / "learned" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "checkpoint_last.pt").write_bytes(b"a run in progress")
+    (out / "learned" / "pretrain.settings.json").write_text(
+        json.dumps(["amt_tiny", "None", "model.dropout=0.0"]))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pipeline
+
+    args = pipeline.parse_args(["--out", str(out), "--cpu", "--", "model.dropout=0.2"])
+    with pytest.raises(pipeline.PipelineError, match="was pretrained with config and overrides"):
+        pipeline.stage_pretrain(args, out / "bin", "learned")
+    assert (ckpt / "checkpoint_last.pt").read_bytes() == b"a run in progress"
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--seeds", "0"], "--seeds must be 1 or more"),
+    (["--skip", "evaluate,glu"], "--skip: unknown stage glu"),
+])
+def test_bad_run_sh_flags_fail_before_any_work(bad, message, tmp_path):
+    proc = run_sh("--out", str(tmp_path / "out"), *bad, timeout=120)
+    assert proc.returncode == 2 and message in proc.stdout, proc.stdout[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_newline", "config", "task",
