@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plateau-update", type=int)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--sensitivity", action="store_true")
-    parser.add_argument("--glue", help="fine-tuning tasks (default SHUF,NEXT; with "
+    parser.add_argument("--glue", help="fine-tuning tasks, or none (default SHUF,NEXT; with "
                         "--glue-dir: CoLA,SST-2)")
     parser.add_argument("--glue-dir", type=Path)
     parser.add_argument("--glue-update-scale", type=float, default=0.1)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     updates = args.updates or (300 if args.quick else config_updates)
     plateau = args.plateau_update or max(1, updates // 10)
     names = args.glue or ("CoLA,SST-2" if args.glue_dir else "SHUF,NEXT")
-    tasks = [] if args.quick else glue.parse_tasks(names)
+    tasks = [] if args.quick or names == "none" else glue.parse_tasks(names)
     if args.glue_dir:
         for t in tasks:
             glue.check_task_dir(t, args.glue_dir.resolve())
