@@ -300,6 +300,14 @@ class AdversarialMaskedLMTask(MaskedLMTask):
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
         src = self._load_dataset_split(split, epoch, combine)  # token blocks, <s> prepended
+        too_long = src.sizes > self.cfg.tokens_per_sample
+        if too_long.any():  # fairseq skips them with a one-line count; say what it costs
+            share = src.sizes[too_long].sum() / max(1, src.sizes.sum())
+            logger.warning(
+                f"{split}: {int(too_long.sum()):,} lines longer than --tokens-per-sample "
+                f"{self.cfg.tokens_per_sample} ({share:.1%} of the tokens) will be skipped, "
+                f"because --sample-break-mode {self.cfg.sample_break_mode} keeps lines whole: "
+                "use --sample-break-mode none (blocks across lines) or shorter lines")
         with data_utils.numpy_seed(self.cfg.seed):
             shuffle = np.random.permutation(len(src))
         dataset = NestedDictionaryDataset(

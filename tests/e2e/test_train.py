@@ -132,3 +132,12 @@ def test_two_processes_under_torchrun(zipf_data, tmp_path):
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**ENV, "PATH": f"{BIN}:{ENV['PATH']}"}, timeout=300)
     check_distributed_run([(proc.returncode, proc.stdout)], tmp_path / "ck")
+
+
+def test_lines_longer_than_a_block_are_counted_and_the_fix_named(zipf_data, tmp_path):
+    proc = train(zipf_data, tmp_path / "ckpt", "--max-update", "1", "--tokens-per-sample", "12",
+                 "--max-positions", "12", "--sample-break-mode", "complete", "--no-save",
+                 "--skip-invalid-size-inputs-valid-test")  # as the configs do
+    warning = [line for line in proc.stdout.splitlines() if "lines longer than" in line]
+    assert any("train: " in line and "--tokens-per-sample 12" in line
+               and "use --sample-break-mode none" in line for line in warning), warning
