@@ -11,6 +11,7 @@ Everything here works on a padded batch `tokens (B, T)` and a boolean `candidate
 - `gumbel_top_k`: `k` units without replacement from softmax(logits / temperature), plus the
   exact Plackett-Luce log-probability of the ordered draw (the masker's policy gradient).
 - `span_select`, `frequency_logits`: the SpanBERT-style and inverse-frequency baselines.
+- `choose`: all of the above as one call: which positions a batch masks, by strategy.
 - `corrupt`: the 80/10/10 rule of BERT / fairseq's `masked_lm` (<mask> / random / unchanged).
 - `fixed_mask`: the comparable yardstick, a uniform mask fixed per sample id (scored with
   every chosen position replaced by <mask>, see the criterion).
@@ -235,6 +236,80 @@ def span_select(
 def frequency_logits(tokens: Tensor, counts: Tensor, exponent: float) -> Tensor:
     """Logits for choosing rare tokens: p(i) proportional to count(token_i) ** -exponent."""
     return -exponent * counts.to(tokens.device)[tokens].clamp(min=1).double().log().float()
+
+
+STRATEGIES = ("learned", "random", "span", "frequency")
+
+
+@dataclass
+class Choice:
+    """What one batch masks. mask (B, T): the positions corrupted and predicted. candidates
+    (B, T), units (B, T): what the budget counts (the candidates, or the word starts in
+    whole-word mode, then also `starts`), k (B,): units chosen per row. draw: the masker's
+    Gumbel-top-k over its share of the units ("learned" only), for its policy gradient."""
+
+    mask: Tensor
+    candidates: Tensor
+    units: Tensor
+    starts: Tensor | None
+    k: Tensor
+    draw: Draw | None = None
+
+
+def choose(
+    tokens: Tensor,
+    special_ids: Tensor,
+    mask_prob: float,
+    strategy: str,
+    generator: torch.Generator,
+    *,
+    is_word_start: Tensor | None = None,
+    draw_masker=None,
+    random_share: float = 0.0,
+    counts: Tensor | None = None,
+    frequency_exponent: float = 1.0,
+    span_p: float = 0.2,
+    span_max_length: int = 10,
+) -> Choice:
+    """Choose exactly k = max(1, round(mask_prob * n)) of each row's n units (tokens, or whole
+    words when `is_word_start` is given) by one strategy:
+
+    - "learned": round(k * random_share) uniformly (exploration), the rest by
+      `draw_masker(available, k, u) -> Draw`: the masker's Gumbel-top-k of k of the available
+      units from the uniform draw u (B, T) (`gumbel_top_k_from_uniform` on its logits);
+    - "random": uniformly (fairseq's masking, with this exact budget);
+    - "span": SpanBERT-style spans (`span_select`);
+    - "frequency": p(token) proportional to count ** -frequency_exponent (`counts`: (V,)).
+
+    The criterion, scripts/show_masker.py and scripts/plot_masking.py all choose through here.
+    The generator is read in a fixed order (the random share, then u), so a draw is
+    reproducible from its seed.
+    """
+    candidates = candidate_mask(tokens, special_ids)
+    starts = (word_starts(tokens, candidates, is_word_start)
+              if is_word_start is not None else None)
+    units = starts if starts is not None else candidates
+    k = budget(units.sum(dim=1), mask_prob)
+    draw = None
+    if strategy == "learned":
+        k_rand = torch.round(k.double() * random_share).long()
+        chosen_rand = uniform_select(units, k_rand, generator)
+        u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+        draw = draw_masker(units & ~chosen_rand, k - k_rand, u)
+        chosen = chosen_rand | draw.selected
+    elif strategy == "random":
+        chosen = uniform_select(units, k, generator)
+    elif strategy == "span":  # on the CPU, from a seed drawn here
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        chosen = span_select(units, k, torch.Generator().manual_seed(seed), span_p,
+                             span_max_length)
+    elif strategy == "frequency":
+        logits = frequency_logits(tokens, counts, frequency_exponent)
+        chosen = gumbel_top_k(logits, units, k, 1.0, generator).selected
+    else:
+        raise ValueError(f"unknown masking strategy '{strategy}'; one of {', '.join(STRATEGIES)}")
+    mask = from_word_start(chosen, starts) & candidates if starts is not None else chosen
+    return Choice(mask, candidates, units, starts, k, draw)
 
 
 def fixed_mask(

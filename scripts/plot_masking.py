@@ -40,19 +40,11 @@ def rank_curves(checkpoint: Path, data: Path, max_batches: int = 50,
     """{strategy: (bin centre ranks, P(masked) per bin)} on the valid split."""
     from fairseq import checkpoint_utils
 
-    from amt_plugin.tasks.adversarial_masked_lm import (
-        AdversarialMaskedLMConfig,
-        AdversarialMaskedLMTask,
-    )
-
-    models, cfg = checkpoint_utils.load_model_ensemble([str(checkpoint)],
-                                                       arg_overrides={"data": str(data)})
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(checkpoint)], arg_overrides={"data": str(data)})
     model = models[0].eval()
-    task = AdversarialMaskedLMTask.setup_task(AdversarialMaskedLMConfig(
-        data=str(data), tokens_per_sample=cfg.task.tokens_per_sample,
-        sample_break_mode=cfg.task.sample_break_mode, seed=1))
     d = task.source_dictionary
-    specials = torch.tensor(list(range(d.nspecial)) + [task.mask_idx])
+    specials = torch.tensor(task.special_token_ids())  # madeupword fillers included
     counts = torch.tensor(d.count, dtype=torch.float)
     order = torch.argsort(counts, descending=True, stable=True)
     rank = torch.empty_like(order)
@@ -64,29 +56,26 @@ def rank_curves(checkpoint: Path, data: Path, max_batches: int = 50,
     seen = torch.zeros(len(d))
     hits = {s: torch.zeros(len(d)) for s in ("learned", "random", "frequency")}
     g = torch.Generator().manual_seed(0)
-    share = cfg.criterion.masker_random_share
+    crit = cfg.criterion
     with torch.no_grad():
         for i, sample in enumerate(batches):
             if i == max_batches:
                 break
             tokens = sample["net_input"]["src_tokens"]
-            cand = masking.candidate_mask(tokens, specials)
-            k = masking.budget(cand.sum(1), cfg.task.mask_prob)
-            k_rand = torch.round(k.double() * share).long()
-            rand = masking.uniform_select(cand, k_rand, g)
-            learned = rand | masking.gumbel_top_k(model.masker(tokens), cand & ~rand,
-                                                  k - k_rand, cfg.criterion.masker_temperature,
-                                                  g).selected
-            chosen = {
-                "learned": learned,
-                "random": masking.uniform_select(cand, k, g),
-                "frequency": masking.gumbel_top_k(
-                    masking.frequency_logits(tokens, counts, exponent), cand, k, 1.0, g
-                ).selected,
-            }
+            logits = model.masker(tokens)
+
+            def draw_masker(available, k, u, logits=logits):
+                return masking.gumbel_top_k_from_uniform(logits, available, k,
+                                                         crit.masker_temperature, u)
+
+            chosen = {s: masking.choose(
+                tokens, specials, cfg.task.mask_prob, s, g, is_word_start=task.is_word_start,
+                draw_masker=draw_masker, random_share=crit.masker_random_share,
+                counts=counts.long(), frequency_exponent=exponent) for s in hits}
+            cand = chosen["random"].candidates
             seen.index_add_(0, tokens[cand], torch.ones(int(cand.sum())))
-            for s, sel in chosen.items():
-                hits[s].index_add_(0, tokens[sel], torch.ones(int(sel.sum())))
+            for s, c in chosen.items():
+                hits[s].index_add_(0, tokens[c.mask], torch.ones(int(c.mask.sum())))
     edges = [0, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000]
     curves = {}
     for s, h in hits.items():

@@ -28,15 +28,13 @@ def masking_probabilities(checkpoint: Path, data: Path, lines: list[str], bpe_di
                           draws: int = 256) -> list[list[tuple[str, float, float]]]:
     """Per line: (piece, P(masked) under the masker, P(masked) under uniform masking)."""
     from fairseq import checkpoint_utils
-    from fairseq.data import Dictionary
 
-    models, cfg = checkpoint_utils.load_model_ensemble([str(checkpoint)],
-                                                       arg_overrides={"data": str(data)})
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(checkpoint)], arg_overrides={"data": str(data)})
     model = models[0].eval()
     if not hasattr(model, "masker"):
         raise SystemExit(f"{checkpoint} has no masker (not an amt checkpoint)")
-    d = Dictionary.load(str(data / "dict.txt"))
-    d.add_symbol("<mask>")
+    d = task.source_dictionary
     crit = cfg.criterion
     if bpe_dir is not None:
         from bpe import load_encoder
@@ -44,26 +42,31 @@ def masking_probabilities(checkpoint: Path, data: Path, lines: list[str], bpe_di
         encode = load_encoder(bpe_dir)
     else:  # the text is already in the dictionary's pieces
         encode = str.strip
-    specials = torch.tensor(list(range(d.nspecial)) + [d.index("<mask>")])
+    # what the criterion never masks (madeupword fillers included), and whole words when the
+    # checkpoint was trained with them
+    specials = torch.tensor(task.special_token_ids())
     out = []
     for line in lines:
         pieces = encode(line).split()
         tokens = torch.tensor([[d.bos()] + [d.index(p) for p in pieces] + [d.eos()]])
-        cand = masking.candidate_mask(tokens, specials)
-        n = cand.sum(1)
-        k = masking.budget(n, cfg.task.mask_prob)
-        k_rand = torch.round(k.double() * crit.masker_random_share).long()
         with torch.no_grad():
             logits = model.masker(tokens)
+
+        def draw_masker(available, k, u, logits=logits):
+            return masking.gumbel_top_k_from_uniform(logits, available, k,
+                                                     crit.masker_temperature, u)
+
         counts = torch.zeros(tokens.shape)
         g = torch.Generator().manual_seed(0)
         for _ in range(draws):
-            rand = masking.uniform_select(cand, k_rand, g)
-            learned = masking.gumbel_top_k(logits, cand & ~rand, k - k_rand,
-                                           crit.masker_temperature, g).selected
-            counts += (rand | learned).float()
+            choice = masking.choose(tokens, specials, cfg.task.mask_prob, "learned", g,
+                                    is_word_start=task.is_word_start, draw_masker=draw_masker,
+                                    random_share=crit.masker_random_share)
+            counts += choice.mask.float()
         p = (counts / draws)[0, 1:-1].tolist()
-        uniform = float(k[0]) / max(int(n[0]), 1)
+        # uniform masking picks k of the n units; in whole-word mode every piece of a word
+        # goes with it, so a piece's chance is that of its word
+        uniform = float(choice.k[0]) / max(int(choice.units.sum()), 1)
         out.append([(piece, prob, uniform) for piece, prob in zip(pieces, p)])
     return out
 

@@ -252,14 +252,6 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         tokens = sample["net_input"]["src_tokens"]  # (B, T) unmasked
         B = tokens.size(0)
         g = self._generator(tokens.device, sample, model.training)
-        candidates = masking.candidate_mask(tokens, self.special_ids)  # (B, T)
-        starts = (
-            masking.word_starts(tokens, candidates, self.is_word_start)
-            if self.whole_words else None
-        )
-        units = starts if starts is not None else candidates  # what the budget counts
-        n = units.sum(dim=1)  # (B,)
-        k = masking.budget(n, self.task_cfg.mask_prob)  # (B,)
 
         # Whether the batch has padding, known on the host for free: the task's `ntokens`
         # counts the non-pad tokens. Unpadded batches attend without a mask (flash kernels).
@@ -277,32 +269,24 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
                 "amt_small, amt_base or amt_large (or --masking-strategy random)"
             )
 
-        draw = None
-        if chooses:
-            k_rand = torch.round(k.double() * self.cfg.masker_random_share).long()
-            chosen_rand = masking.uniform_select(units, k_rand, g)
-            u = torch.rand(tokens.shape, generator=g, device=tokens.device)  # the Gumbel draw
+        def draw_masker(available: Tensor, k: Tensor, u: Tensor) -> masking.Draw:
             with torch.set_grad_enabled(trains), record_function("masker"):
-                draw = masking.Draw(*self._compiled(masker_draw, model)(
-                    masker, tokens, padded, units & ~chosen_rand, k - k_rand,
-                    self.cfg.masker_temperature, u,
-                ))
-            chosen = chosen_rand | draw.selected
-        elif self.strategy == "span":
-            seed = int(torch.randint(2**62, (1,), generator=g, device=g.device))
-            cpu_g = torch.Generator().manual_seed(seed)
-            chosen = masking.span_select(units, k, cpu_g, self.cfg.span_geometric_p,
-                                         self.cfg.span_max_length)
-        elif self.strategy == "frequency":
-            logits = masking.frequency_logits(tokens, self.counts, self.cfg.frequency_exponent)
-            chosen = masking.gumbel_top_k(logits, units, k, 1.0, g).selected
-        else:
-            chosen = masking.uniform_select(units, k, g)
+                return masking.Draw(*self._compiled(masker_draw, model)(
+                    masker, tokens, padded, available, k, self.cfg.masker_temperature, u))
 
-        if starts is not None:
-            mask = masking.from_word_start(chosen, starts) & candidates
-        else:
-            mask = chosen
+        # --- choose: which positions to mask (the masker, or a baseline) ---
+        choice = masking.choose(
+            tokens, self.special_ids, self.task_cfg.mask_prob,
+            "learned" if chooses else "random" if self.learned else self.strategy, g,
+            is_word_start=self.is_word_start if self.whole_words else None,
+            draw_masker=draw_masker, random_share=self.cfg.masker_random_share,
+            counts=self.counts, frequency_exponent=self.cfg.frequency_exponent,
+            span_p=self.cfg.span_geometric_p, span_max_length=self.cfg.span_max_length,
+        )
+        mask, candidates, starts, draw = choice.mask, choice.candidates, choice.starts, choice.draw
+        n = choice.units.sum(dim=1)  # (B,) units the budget counted
+
+        # --- corrupt: 80/10/10, per word in whole-word mode ---
         corrupted = masking.corrupt(
             tokens, mask, self.mask_idx, self.replacement_ids,
             self.task_cfg.leave_unmasked_prob, self.task_cfg.random_token_prob, g, starts,

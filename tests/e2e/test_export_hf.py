@@ -298,3 +298,26 @@ def test_gpt2_word_boundaries_need_the_local_encoder(exported, tmp_path):
         == [True, False]
     assert all(starts[i] == token[s].startswith("\u0120")
                for i, s in enumerate(d.symbols) if s in token)
+
+
+def test_scripts_choose_whole_words_like_the_criterion(exported):
+    """show_masker and plot_masking choose through masking.choose with the checkpoint's own
+    task: a whole-word checkpoint masks every piece of a word together."""
+    import plot_masking
+    import show_masker
+
+    work = exported["sentencepiece"]
+    checkpoint = work / "ckpt" / "checkpoint_last.pt"
+    line = "The careful engineer discovers a wooden village near the northern mountain."
+    (row,) = show_masker.masking_probabilities(checkpoint, work / "bin", [line], work / "bpe",
+                                               draws=64)
+    words = []
+    for piece, p, _ in row:
+        if piece.startswith("\u2581") or not words:
+            words.append([])
+        words[-1].append(p)
+    assert any(len(w) > 1 for w in words)
+    assert all(len(set(w)) == 1 for w in words), words  # a word's pieces go together
+    curves = plot_masking.rank_curves(checkpoint, work / "bin", max_batches=2)
+    assert set(curves) == {"learned", "random", "frequency"}
+    assert all(0 <= y <= 1 for xs, ys in curves.values() for y in ys)
