@@ -12,7 +12,8 @@ One forward, per batch of unmasked token blocks `tokens (B, T)`:
    same budget: `span` (SpanBERT-style geometric spans) and `frequency` (p ~ count^-a).
 3. Corruption 80/10/10 (<mask> / random token / unchanged) and the predictor's forward.
 
-Objective (both players minimise their own loss; gradients never cross):
+Objective (both players minimise their own loss; gradients never cross; the masker's side is
+in `amt_plugin/objectives.py`):
 
     predictor:  L_pred   = sum_{i in M} CE(predictor(x~)_i, x_i)           (summed, like masked_lm)
     masker:     L_masker = -1/B' sum_b (r_b - rbar_b) log pi(S_b) - beta * 1/B' sum_b H_b
@@ -67,6 +68,7 @@ from torch.profiler import record_function
 
 from .. import masking, yardstick
 from ..models.predictor import PredictorEncoder
+from ..objectives import masker_objective
 
 logger = logging.getLogger(__name__)
 
@@ -421,31 +423,6 @@ def masker_draw(masker, tokens: Tensor, padded: bool | None, available: Tensor, 
     return draw.selected, draw.log_prob, draw.entropy
 
 
-def masker_objective(loss_grid: Tensor, by_masker: Tensor, selected: Tensor, tokens: Tensor,
-                     log_prob: Tensor, entropy: Tensor, reward_mean: Tensor,
-                     entropy_weight: float, vocab_size: int) -> tuple[Tensor, Tensor, dict]:
-    """The masker's REINFORCE loss from the predictor's detached loss per position,
-    loss_grid (B, T), over the positions it chose (by_masker; `selected`: its units); the
-    running mean of rewards updated with this batch (reward_mean: NaN while there is none);
-    and the logged sums. No host reads and no generator: torch.compile traces all of it."""
-    n_by_masker = by_masker.sum(dim=1)  # (B,)
-    acted = n_by_masker > 0
-    reward = (loss_grid * by_masker).sum(dim=1) / n_by_masker.clamp(min=1)  # (B,)
-    loss = reinforce_loss(reward, log_prob, entropy, acted, entropy_weight, reward_mean)
-    # collapse diagnostic: distinct types among the masker's picks in this batch
-    picks_per_type = torch.zeros(vocab_size, dtype=torch.int32, device=tokens.device)
-    picks_per_type.scatter_add_(0, tokens.flatten(), selected.flatten().int())
-    logs = {
-        "masker_loss": loss.detach() * tokens.size(0),
-        "masker_reward": (reward * acted).sum(),
-        "masker_acted": acted.sum(),
-        "masker_entropy": entropy.detach().sum(),
-        "masker_picks": selected.sum(),
-        "masker_distinct": (picks_per_type > 0).sum(),
-    }
-    return loss, running_mean(reward_mean, reward, acted), logs
-
-
 def plain(cfg):
     """An omegaconf config's values, resolved now, as plain attributes (for reading only);
     anything else (a dataclass built in Python) as it is."""
@@ -532,46 +509,3 @@ class Outcome:
     masker_trains: bool  # whether L_masker enters this update's gradient
     sample_size: int  # masked positions: fairseq divides gradients by it
     logging_output: dict
-
-
-def reinforce_loss(
-    reward: Tensor,
-    log_prob: Tensor,
-    entropy: Tensor,
-    acted: Tensor,
-    entropy_weight: float,
-    fallback_baseline: Tensor | None = None,
-) -> Tensor:
-    """The masker's loss: -mean (r - baseline) * log pi(S) - beta * mean H.
-
-    reward (B,) detached, log_prob (B,), entropy (B,), acted (B,) bool: which rows count.
-    The baseline of a row is the mean reward of the other acting rows (leave-one-out). When
-    a row acts alone it has no such baseline: it takes `fallback_baseline` (a scalar tensor,
-    the running mean of past rewards) if given, else it gives no policy gradient.
-    """
-    reward = reward.detach().float()
-    n = acted.sum().clamp(min=1)
-    total = (reward * acted).sum()
-    baseline = (total - reward) / (n - 1).clamp(min=1)  # (B,)
-    has_baseline = acted & (n > 1)
-    if fallback_baseline is not None:  # NaN until some batch had an acting row
-        fallback = fallback_baseline.to(baseline)
-        alone = acted & (n == 1) & ~fallback.isnan()
-        baseline = torch.where(alone, fallback, baseline)
-        has_baseline = has_baseline | alone
-    advantage = torch.where(has_baseline, reward - baseline, torch.zeros_like(reward))
-    policy = -(advantage * log_prob).sum() / n
-    return policy - entropy_weight * (entropy * acted).sum() / n
-
-
-def running_mean(previous: Tensor | None, reward: Tensor, acted: Tensor,
-                 decay: float = 0.9) -> Tensor:
-    """Exponential moving average of the acting rows' mean reward, on the device (no sync).
-    A batch where no row acted leaves it unchanged; the first batch starts it."""
-    reward = reward.detach().float()
-    n = acted.sum()
-    mean = (reward * acted).sum() / n.clamp(min=1)
-    if previous is None:  # NaN: no running mean yet
-        previous = torch.full_like(mean, float("nan"))
-    updated = torch.where(previous.isnan(), mean, decay * previous + (1 - decay) * mean)
-    return torch.where(n > 0, updated, previous)

@@ -106,7 +106,8 @@ def test_compile_mode_needs_torch_compile():
 def test_the_masker_its_draw_and_its_objective_compile_as_one_graph_each(trains):
     # under --torch-compile the criterion compiles masker_draw and masker_objective whole: a
     # graph break would send part of them back to eager, one kernel per op
-    from amt_plugin.criterions.adversarial_masked_lm import masker_draw, masker_objective
+    from amt_plugin.criterions.adversarial_masked_lm import masker_draw
+    from amt_plugin.objectives import masker_objective
 
     task, model, _ = build()
     tokens = make_sample(task)["net_input"]["src_tokens"]
@@ -135,7 +136,8 @@ def test_compiled_variants_stay_under_torchs_recompile_limit(device):
     from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from amt_plugin.criterions.adversarial_masked_lm import masker_draw, masker_objective
+    from amt_plugin.criterions.adversarial_masked_lm import masker_draw
+    from amt_plugin.objectives import masker_objective
 
     torch._dynamo.reset()
     task, model, criterion = build(masker_warmup_updates=0, masker_update_freq=2)

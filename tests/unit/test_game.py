@@ -6,7 +6,7 @@ from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
 from amt_plugin import masking
 from amt_plugin.criterions import adversarial_masked_lm as criterion_module
-from amt_plugin.criterions.adversarial_masked_lm import reinforce_loss, running_mean
+from amt_plugin.objectives import reinforce_loss, running_mean
 from amt_plugin.optimizer import AMTAdam, AMTAdamConfig
 from tests.conftest import build, make_sample, stock_roberta
 
