@@ -252,7 +252,6 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
     def play(self, model, sample) -> "Outcome":
         """One round of the game on a batch: choose, corrupt, predict, score both players."""
         tokens = sample["net_input"]["src_tokens"]  # (B, T) unmasked
-        B = tokens.size(0)
         g = self._generator(tokens.device, sample, model.training)
 
         # Whether the batch has padding, known on the host for free: the task's `ntokens`
@@ -285,20 +284,42 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             counts=self.counts, frequency_exponent=self.cfg.frequency_exponent,
             span_p=self.cfg.span_geometric_p, span_max_length=self.cfg.span_max_length,
         )
-        mask, candidates, starts, draw = choice.mask, choice.candidates, choice.starts, choice.draw
-        n = choice.units.sum(dim=1)  # (B,) units the budget counted
-
         # --- corrupt: 80/10/10, per word in whole-word mode ---
         corrupted = masking.corrupt(
-            tokens, mask, self.mask_idx, self.replacement_ids,
-            self.task_cfg.leave_unmasked_prob, self.task_cfg.random_token_prob, g, starts,
+            tokens, choice.mask, self.mask_idx, self.replacement_ids,
+            self.task_cfg.leave_unmasked_prob, self.task_cfg.random_token_prob, g,
+            choice.starts,
         )
+        # --- predict: the predictor's loss on the masked positions ---
+        flat, targets, token_loss = self.predict(model, tokens, corrupted, choice, sample,
+                                                 padded)
+        mlm_loss = token_loss.sum()
+        # --- reward and masker loss: REINFORCE on the predictor's detached loss ---
+        masker_loss, logging_output = None, {}
+        if choice.draw is not None:
+            masker_loss, logging_output = self.masker_loss(model, tokens, choice, flat,
+                                                           token_loss)
+        else:  # the selection distribution is uniform over the units: entropy log n
+            n = choice.units.sum(dim=1)
+            logging_output["masker_entropy"] = n.clamp(min=1).double().log().sum()
 
-        # --- predictor: cross-entropy on the masked positions (fairseq's masked_lm) ---
-        # (M,) row-major positions over (B, T). M is the batch's budget, which the task
-        # counted on the host, when every unit is one token; whole words mask a number of
-        # pieces known only on the device, read back by nonzero (a host-device sync).
-        budget_total = sample.get("mask_budget") if starts is None else None
+        logging_output.update(self.diagnostics(tokens, choice, targets, sample))
+        logging_output.update(loss=mlm_loss.detach(), masker_chooses=int(chooses),
+                              masker_trains=int(trains))
+        if not model.training:
+            logging_output.update(self.fixed_mask_metrics(model, sample, tokens,
+                                                          choice.candidates))
+        return Outcome(mlm_loss, masker_loss, trains, targets.numel(), logging_output)
+
+    def predict(self, model, tokens: Tensor, corrupted: Tensor, choice: masking.Choice,
+                sample: dict, padded: bool | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The predictor on the corrupted batch, scored where the mask is: (flat positions
+        (M,) row-major over (B, T), their targets (M,), cross-entropy (M,) in nats), like
+        fairseq's masked_lm. M is the batch's budget, which the task counted on the host, when
+        every unit is one token; whole words mask a number of pieces known only on the device,
+        read back by nonzero (a host-device sync)."""
+        mask = choice.mask
+        budget_total = sample.get("mask_budget") if choice.starts is None else None
         if budget_total is not None:
             flat = masking.true_positions(mask.flatten(), budget_total)
         else:
@@ -309,54 +330,49 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             else:  # a stock RoBERTa predictor (--masking-strategy random with --arch roberta)
                 logits = model(corrupted, masked_tokens=mask)[0]
         targets = tokens.flatten().index_select(0, flat)  # (M,)
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (M,) nats
-        mlm_loss = token_loss.sum()
-        sample_size = targets.numel()
+        return flat, targets, F.cross_entropy(logits.float(), targets, reduction="none")
 
-        # --- masker: REINFORCE on the predictor's detached loss ---
-        logging_output = {}
-        masker_loss = None
-        if draw is not None:
-            by_masker = draw.selected
-            if starts is not None:
-                by_masker = masking.from_word_start(by_masker, starts) & candidates
-            loss_grid = torch.zeros(tokens.numel(), dtype=token_loss.dtype, device=tokens.device)
-            loss_grid = loss_grid.index_copy(0, flat, token_loss.detach()).view_as(tokens)
-            previous = masker.reward_mean
-            if previous is None:  # NaN: no running mean yet (one compiled variant, not two)
-                previous = torch.full((), float("nan"), device=tokens.device)
-            masker_loss, reward_mean, masker_logs = self._compiled(masker_objective, model)(
-                loss_grid, by_masker, draw.selected, tokens, draw.log_prob, draw.entropy,
-                previous, self.cfg.masker_entropy_weight, self.is_top.numel(),
-            )
-            if model.training:  # the fallback baseline, saved with the masker; a copy, since
-                # under CUDA graphs the next replay reuses the output's memory
-                masker.reward_mean = reward_mean.clone()
-            logging_output.update(masker_logs)
-        else:
-            # the selection distribution is uniform over the units: entropy log n
-            logging_output["masker_entropy"] = n.clamp(min=1).double().log().sum()
+    def masker_loss(self, model, tokens: Tensor, choice: masking.Choice, flat: Tensor,
+                    token_loss: Tensor) -> tuple[Tensor, dict]:
+        """The masker's REINFORCE loss (amt_plugin/objectives.py) from the predictor's
+        detached loss on the positions it chose, and its logged sums. Updates the running
+        reward mean, the fallback baseline saved with the masker."""
+        masker, draw = model.masker, choice.draw
+        by_masker = draw.selected
+        if choice.starts is not None:
+            by_masker = masking.from_word_start(by_masker, choice.starts) & choice.candidates
+        loss_grid = torch.zeros(tokens.numel(), dtype=token_loss.dtype, device=tokens.device)
+        loss_grid = loss_grid.index_copy(0, flat, token_loss.detach()).view_as(tokens)
+        previous = masker.reward_mean
+        if previous is None:  # NaN: no running mean yet (one compiled variant, not two)
+            previous = torch.full((), float("nan"), device=tokens.device)
+        loss, reward_mean, logs = self._compiled(masker_objective, model)(
+            loss_grid, by_masker, draw.selected, tokens, draw.log_prob, draw.entropy,
+            previous, self.cfg.masker_entropy_weight, self.is_top.numel(),
+        )
+        if model.training:  # a copy: under CUDA graphs the next replay reuses the output
+            masker.reward_mean = reward_mean.clone()
+        return loss, logs
 
-        # --- diagnostics: does the masker prefer rare tokens, is it collapsing? ---
+    def diagnostics(self, tokens: Tensor, choice: masking.Choice, targets: Tensor,
+                    sample: dict) -> dict:
+        """Logged sums: does the choice prefer rare tokens (against uniform masking of the same
+        batch and budget), how many positions, how frequent."""
+        candidates = choice.candidates
+        n = choice.units.sum(dim=1)
         top_share_of_candidates = (self.is_top[tokens] & candidates).sum(1) / n.clamp(min=1)
-        logging_output.update(
-            loss=mlm_loss.detach(),
+        return dict(
             ntokens=sample["ntokens"],
-            nsentences=B,
-            sample_size=sample_size,
-            n_masked=sample_size,
+            nsentences=tokens.size(0),
+            sample_size=targets.numel(),
+            n_masked=targets.numel(),
             n_candidates=candidates.sum(),
             n_masked_top=self.is_top[targets].sum(),
             # expected count under uniform random masking of the same batch and budget
-            n_rand_top=(mask.sum(1) * top_share_of_candidates).sum().detach(),
+            n_rand_top=(choice.mask.sum(1) * top_share_of_candidates).sum().detach(),
             mask_rank_sum=self.freq_rank[targets].sum(),
             batches=1,
-            masker_chooses=int(chooses),
-            masker_trains=int(trains),
         )
-        if not model.training:
-            logging_output.update(self.fixed_mask_metrics(model, sample, tokens, candidates))
-        return Outcome(mlm_loss, masker_loss, trains, sample_size, logging_output)
 
     def fixed_mask_metrics(self, model, sample, tokens: Tensor, candidates: Tensor) -> dict:
         """The yardstick's sums for this batch (see `amt_plugin.yardstick`)."""
