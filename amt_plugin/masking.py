@@ -10,7 +10,8 @@ Everything here works on a padded batch `tokens (B, T)` and a boolean `candidate
 - `uniform_select`: `k` units uniformly without replacement (fairseq's random masking).
 - `gumbel_top_k`: `k` units without replacement from softmax(logits / temperature), plus the
   exact Plackett-Luce log-probability of the ordered draw (the masker's policy gradient).
-- `span_select`, `frequency_logits`: the SpanBERT-style and inverse-frequency baselines.
+- `span_select`, `frequency_logits`: the SpanBERT-style and inverse-frequency baselines;
+  `adaptive_weights`, `update_type_accuracy`: the adaptive one (types the predictor misses).
 - `choose`: all of the above as one call: which positions a batch masks, by strategy.
 - `corrupt`: the 80/10/10 rule of BERT / fairseq's `masked_lm` (<mask> / random / unchanged).
 - `fixed_mask`: the comparable yardstick, a uniform mask fixed per sample id (scored with
@@ -238,7 +239,26 @@ def frequency_logits(tokens: Tensor, counts: Tensor, exponent: float) -> Tensor:
     return -exponent * counts.to(tokens.device)[tokens].clamp(min=1).double().log().float()
 
 
-STRATEGIES = ("learned", "random", "span", "frequency")
+def adaptive_weights(accuracy: Tensor, floor: float) -> Tensor:
+    """The adaptive baseline's masking weight per type (AMLM, Edman & Fraser 2025): the
+    predictor's running error rate on the type, 1 - accuracy, never below `floor`, so that
+    every type keeps a chance. (V,) -> (V,); sampled in proportion within the exact budget."""
+    return (1.0 - accuracy).clamp(min=floor)
+
+
+def update_type_accuracy(accuracy: Tensor, targets: Tensor, correct: Tensor,
+                         decay: float) -> Tensor:
+    """The running top-1 accuracy per type, from one batch's masked targets (M,) and whether
+    the predictor got each right (M,): for each type seen, decay * old + (1 - decay) * the
+    batch's accuracy on it; unseen types keep theirs. On the device, no sync."""
+    seen = torch.zeros_like(accuracy).index_add_(0, targets, torch.ones_like(targets,
+                                                 dtype=accuracy.dtype))
+    right = torch.zeros_like(accuracy).index_add_(0, targets, correct.to(accuracy.dtype))
+    batch = right / seen.clamp(min=1)
+    return torch.where(seen > 0, decay * accuracy + (1 - decay) * batch, accuracy)
+
+
+STRATEGIES = ("learned", "random", "span", "frequency", "adaptive")
 
 
 @dataclass
@@ -268,6 +288,7 @@ def choose(
     random_share: float = 0.0,
     counts: Tensor | None = None,
     frequency_exponent: float = 1.0,
+    type_weights: Tensor | None = None,
     span_p: float = 0.2,
     span_max_length: int = 10,
 ) -> Choice:
@@ -279,7 +300,9 @@ def choose(
       units from the uniform draw u (B, T) (`gumbel_top_k_from_uniform` on its logits);
     - "random": uniformly (fairseq's masking, with this exact budget);
     - "span": SpanBERT-style spans (`span_select`);
-    - "frequency": p(token) proportional to count ** -frequency_exponent (`counts`: (V,)).
+    - "frequency": p(token) proportional to count ** -frequency_exponent (`counts`: (V,));
+    - "adaptive": p(token) proportional to `type_weights` (V,) (`adaptive_weights`: the
+      types the predictor still gets wrong).
 
     The criterion, scripts/show_masker.py and scripts/plot_masking.py all choose through here.
     The generator is read in a fixed order (the random share, then u), so a draw is
@@ -305,6 +328,9 @@ def choose(
                              span_max_length)
     elif strategy == "frequency":
         logits = frequency_logits(tokens, counts, frequency_exponent)
+        chosen = gumbel_top_k(logits, units, k, 1.0, generator).selected
+    elif strategy == "adaptive":
+        logits = type_weights.to(tokens.device)[tokens].log()
         chosen = gumbel_top_k(logits, units, k, 1.0, generator).selected
     else:
         raise ValueError(f"unknown masking strategy '{strategy}'; one of {', '.join(STRATEGIES)}")

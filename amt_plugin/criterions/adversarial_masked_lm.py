@@ -99,6 +99,16 @@ class AdversarialMaskedLMCriterionConfig(FairseqDataclass):
         metadata={"help": "weight of the entropy bonus in the masker's loss (guards against "
                   "collapse onto a few positions)"},
     )
+    adaptive_decay: float = field(
+        default=0.9,
+        metadata={"help": "--masking-strategy adaptive: the running accuracy per type keeps "
+                  "this share of its old value at each batch where the type is masked"},
+    )
+    adaptive_floor: float = field(
+        default=0.05,
+        metadata={"help": "--masking-strategy adaptive: the smallest masking weight of a type "
+                  "(weight = 1 - running accuracy)"},
+    )
     masker_collapse_entropy: float = field(
         default=1.0,
         metadata={"help": "warn in the training log when the masker's entropy (nats) falls "
@@ -148,6 +158,9 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             raise ValueError(f"--masker-update-freq must be >= 1, got {cfg.masker_update_freq}")
         if cfg.masker_warmup_updates < 0:
             raise ValueError("--masker-warmup-updates must be >= 0")
+        if not 0.0 <= cfg.adaptive_decay < 1.0 or not 0.0 < cfg.adaptive_floor <= 1.0:
+            raise ValueError("--adaptive-decay must be in [0, 1) and --adaptive-floor in "
+                             f"(0, 1], got {cfg.adaptive_decay} and {cfg.adaptive_floor}")
         # plain copies of the two configs: the step reads them a dozen times per update,
         # and each read of an omegaconf node costs tens of microseconds of host time
         self.cfg = plain(cfg)
@@ -276,12 +289,15 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
                     masker, tokens, padded, available, k, self.cfg.masker_temperature, u))
 
         # --- choose: which positions to mask (the masker, or a baseline) ---
+        accuracy = self.type_accuracy(tokens.device) if self.strategy == "adaptive" else None
         choice = masking.choose(
             tokens, self.special_ids, self.task_cfg.mask_prob,
             "learned" if chooses else "random" if self.learned else self.strategy, g,
             is_word_start=self.is_word_start if self.whole_words else None,
             draw_masker=draw_masker, random_share=self.cfg.masker_random_share,
             counts=self.counts, frequency_exponent=self.cfg.frequency_exponent,
+            type_weights=None if accuracy is None else masking.adaptive_weights(
+                accuracy, self.cfg.adaptive_floor),
             span_p=self.cfg.span_geometric_p, span_max_length=self.cfg.span_max_length,
         )
         # --- corrupt: 80/10/10, per word in whole-word mode ---
@@ -291,9 +307,13 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             choice.starts,
         )
         # --- predict: the predictor's loss on the masked positions ---
-        flat, targets, token_loss = self.predict(model, tokens, corrupted, choice, sample,
-                                                 padded)
+        flat, targets, token_loss, logits = self.predict(model, tokens, corrupted, choice,
+                                                         sample, padded)
         mlm_loss = token_loss.sum()
+        if accuracy is not None and model.training:  # what the adaptive baseline learns from
+            self.task.type_accuracy = masking.update_type_accuracy(
+                accuracy, targets, logits.detach().argmax(-1) == targets,
+                self.cfg.adaptive_decay)
         # --- reward and masker loss: REINFORCE on the predictor's detached loss ---
         masker_loss, logging_output = None, {}
         if choice.draw is not None:
@@ -312,9 +332,10 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         return Outcome(mlm_loss, masker_loss, trains, targets.numel(), logging_output)
 
     def predict(self, model, tokens: Tensor, corrupted: Tensor, choice: masking.Choice,
-                sample: dict, padded: bool | None) -> tuple[Tensor, Tensor, Tensor]:
+                sample: dict, padded: bool | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The predictor on the corrupted batch, scored where the mask is: (flat positions
-        (M,) row-major over (B, T), their targets (M,), cross-entropy (M,) in nats), like
+        (M,) row-major over (B, T), their targets (M,), cross-entropy (M,) in nats, the
+        logits (M, V)), like
         fairseq's masked_lm. M is the batch's budget, which the task counted on the host, when
         every unit is one token; whole words mask a number of pieces known only on the device,
         read back by nonzero (a host-device sync)."""
@@ -330,7 +351,19 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             else:  # a stock RoBERTa predictor (--masking-strategy random with --arch roberta)
                 logits = model(corrupted, masked_tokens=mask)[0]
         targets = tokens.flatten().index_select(0, flat)  # (M,)
-        return flat, targets, F.cross_entropy(logits.float(), targets, reduction="none")
+        loss = F.cross_entropy(logits.float(), targets, reduction="none")
+        return flat, targets, loss, logits
+
+    def type_accuracy(self, device: torch.device) -> Tensor:
+        """The adaptive strategy's running accuracy per type, kept by the task (it travels in
+        checkpoints); zero, i.e. uniform masking, before the first batch."""
+        acc = self.task.type_accuracy
+        if acc is None:
+            acc = torch.zeros(len(self.task.source_dictionary), device=device)
+        elif acc.device != device:
+            acc = acc.to(device, torch.float32)
+        self.task.type_accuracy = acc
+        return acc
 
     def masker_loss(self, model, tokens: Tensor, choice: masking.Choice, flat: Tensor,
                     token_loss: Tensor) -> tuple[Tensor, dict]:

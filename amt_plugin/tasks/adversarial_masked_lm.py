@@ -47,7 +47,7 @@ from ..optimizer import AMTAdam
 
 logger = logging.getLogger(__name__)
 
-MASKING_STRATEGIES = ["learned", "random", "span", "frequency"]
+MASKING_STRATEGIES = ["learned", "random", "span", "frequency", "adaptive"]
 
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -123,7 +123,8 @@ class AdversarialMaskedLMConfig(MaskedLMConfig):
         default="learned",
         metadata={"help": "who picks the positions to mask: the learned masker; or a baseline "
                   "through the same criterion and budget: random (fairseq's masked_lm), span "
-                  "(SpanBERT-style geometric spans), frequency (p ~ count^-exponent); "
+                  "(SpanBERT-style geometric spans), frequency (p ~ count^-exponent), "
+                  "adaptive (p ~ the predictor's running error rate on the token's type); "
                   "whole-word variants of each with --mask-whole-words"},
     )
     bf16_autocast: bool = field(
@@ -195,6 +196,9 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         self.is_word_start = self._word_start_table() if cfg.mask_whole_words else None
         self.groups_to_step: set[str] | None = None  # set by train_step, used by optimizer_step
         self._roles = None  # (model, its parameter groups): see _roles_of
+        # --masking-strategy adaptive: the predictor's running accuracy per type (V,), kept
+        # by the criterion and saved in checkpoints (get_checkpoint_dict)
+        self.type_accuracy: torch.Tensor | None = None
 
     @classmethod
     def setup_task(cls, cfg: AdversarialMaskedLMConfig, **kwargs):
@@ -209,6 +213,17 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         # the run's --clip-norm, for clipping per role under FP16Optimizer (see train_step)
         task._clip_norm = float(getattr(optimization, "clip_norm", 0.0) or 0.0)
         return task
+
+    def get_checkpoint_dict(self) -> dict:
+        """What fairseq saves in a checkpoint's extra_state for this task: the adaptive
+        strategy's running accuracy per type, so that a resumed run masks as before."""
+        if self.type_accuracy is None:
+            return {}
+        return {type(self).__name__: {"type_accuracy": self.type_accuracy.detach().cpu()}}
+
+    def set_checkpoint_dict(self, state: dict) -> None:
+        if "type_accuracy" in state:
+            self.type_accuracy = state["type_accuracy"]
 
     def special_token_ids(self) -> list[int]:
         """Symbols that are never masked: fairseq's specials (bos, pad, eos, unk), <mask>,

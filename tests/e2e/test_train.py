@@ -141,3 +141,17 @@ def test_lines_longer_than_a_block_are_counted_and_the_fix_named(zipf_data, tmp_
     warning = [line for line in proc.stdout.splitlines() if "lines longer than" in line]
     assert any("train: " in line and "--tokens-per-sample 12" in line
                and "use --sample-break-mode none" in line for line in warning), warning
+
+
+def test_adaptive_masking_trains_and_resumes_with_its_statistics(zipf_data, tmp_path):
+    save = tmp_path / "ckpt"
+    train(zipf_data, save, "--masking-strategy", "adaptive", "--max-update", "4")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
+    acc = state["extra_state"]["AdversarialMaskedLMTask"]["type_accuracy"]
+    assert acc.dtype == torch.float32 and 0 < int((acc > 0).sum()) and float(acc.max()) <= 1
+    proc = train(zipf_data, save, "--masking-strategy", "adaptive", "--max-update", "6",
+                 "--log-interval", "1")
+    assert [int(e["num_updates"]) for e in json_logs(proc.stdout, "train_inner")] == [5, 6]
+    resumed = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
+    assert not torch.equal(resumed["extra_state"]["AdversarialMaskedLMTask"]["type_accuracy"],
+                           acc)  # it went on learning from where it was
