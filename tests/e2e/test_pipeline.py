@@ -104,6 +104,10 @@ def test_glue_path_end_to_end_on_fixtures(corpus, tmp_path):
             for m in metrics:
                 value = column["glue"][task][m]  # in percent, MCC and correlations too
                 assert -100.0 <= value <= 100.0 and value == value
+                if m == "accuracy":  # a count of the fixture's 20 dev rows, in percent
+                    assert 0.0 <= value <= 100.0 and abs(value / 5 - round(value / 5)) < 1e-6
+                elif m == "f1":
+                    assert 0.0 <= value <= 100.0
         pretrain = column["pretrain"]
         for split in ("valid", "test"):  # the reference beside the loss, per bucket
             buckets = [b for b in ("", "_top100", "_next900", "_rest")  # non-empty ones

@@ -58,9 +58,16 @@ def test_the_tasks_host_budget_is_the_criterions(mask_prob):
     # positions, without a sync); it must agree with masking.budget on the device exactly,
     # ties of round() included (n = 10 at 0.25, n = 30 at 0.15)
     tokens = batch(B=256, T=60, seed=7)  # 1 to 58 candidates per row
-    k = masking.budget(masking.candidate_mask(tokens, SPECIALS).sum(1), mask_prob)
+    specials = set(SPECIALS.tolist())
     host = [block_budget(row.numpy(), SPECIALS.numpy(), mask_prob) for row in tokens]
-    assert host == k.tolist()
+    for row, k in zip(tokens, host):  # against the rule, written out in plain Python
+        n = sum(int(t) not in specials for t in row)
+        assert k == (0 if n == 0 else min(n, max(1, round(mask_prob * n))))
+    # and the criterion's choice masks exactly that many, whatever the strategy
+    for strategy in ("random", "frequency", "span"):
+        choice = masking.choose(tokens, SPECIALS, mask_prob, strategy, gen(1),
+                                counts=torch.arange(200, 0, -1))
+        assert choice.mask.sum(1).tolist() == host
 
 
 def test_whole_words_are_masked_whole_and_budget_counts_words():
@@ -138,9 +145,13 @@ def test_log_prob_is_the_plackett_luce_probability_of_the_draw():
         d = masking.gumbel_top_k(logits, cand, k, temperature, gen(s))
         chosen = tuple(d.selected[0].nonzero().squeeze(1).tolist())
         assert 4 not in chosen  # not a candidate
-        # the log-prob is that of one of the two orders of the chosen pair
-        options = [math.log(brute_force_ordered(p, o)) for o in itertools.permutations(chosen)]
-        assert min(abs(d.log_prob.item() - o) for o in options) < 1e-5
+        # the log-prob is that of the pair in the order drawn: by descending Gumbel key, from
+        # the same uniform draw the function made
+        u = torch.rand(logits.shape, generator=gen(s))[0, :4]
+        keys = torch.tensor(p).log() - torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+        drawn = tuple(keys.argsort(descending=True)[:2].tolist())
+        assert set(drawn) == set(chosen)
+        assert abs(d.log_prob.item() - math.log(brute_force_ordered(p, drawn))) < 1e-5
         counts[frozenset(chosen)] = counts.get(frozenset(chosen), 0) + 1
     # and the sets come out with the brute-force set probabilities
     for pair in itertools.combinations(range(4), 2):
