@@ -41,8 +41,9 @@ MASK = "<mask>"  # appended by the masked-LM tasks after dict.txt
 
 # --- the model ------------------------------------------------------------------------------
 
-def load_predictor(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(model config, the predictor's encoder.* tensors) of an AMT or fairseq RoBERTa file."""
+def load_predictor(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(model config, the predictor's encoder.* tensors, the data directory it was trained
+    on) of an AMT or fairseq RoBERTa file."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
@@ -54,7 +55,7 @@ def load_predictor(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                if k.startswith("encoder.") and not k.endswith(".version")}
     if "sentence_encoder.embed_tokens.weight" not in weights:
         raise SystemExit(f"error: {checkpoint} holds no RoBERTa predictor (encoder.* weights)")
-    return cfg, weights
+    return cfg, weights, Path(str(state["cfg"]["task"]["data"]).split(":")[0])
 
 
 def hf_config(cfg: dict, weights: dict[str, torch.Tensor]):
@@ -209,10 +210,8 @@ def export_tokenizer(bpe_dir: Path, dict_txt: Path, vocab_size: int, max_length:
 
 def export_hf(checkpoint: Path, out: Path, data: Path | None = None,
               bpe_dir: Path | None = None) -> Path:
-    cfg, weights = load_predictor(checkpoint)
-    if data is None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        data = Path(str(state["cfg"]["task"]["data"]).split(":")[0])
+    cfg, weights, trained_on = load_predictor(checkpoint)
+    data = data or trained_on
     dict_txt = data / "dict.txt" if data.is_dir() else data
     if not dict_txt.is_file():
         raise SystemExit(f"error: no dictionary at {dict_txt}: pass --data, the binarized "
