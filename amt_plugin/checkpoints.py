@@ -12,9 +12,19 @@ traceback. And a finished run that is started again trains one more update and o
 2. `load_checkpoint` first checks that `checkpoint_last.pt` is a complete archive (every
    member's CRC). If it is not, the run resumes from the newest intact checkpoint in the save
    directory and says so; with none, it stops with an error naming the file, which it leaves
-   as it is.
+   as it is. If it is missing while other checkpoints are there (the first save of a run was
+   killed before its copy), the run resumes from the newest of those, not from scratch.
 3. A run whose update count has already reached --max-update stops after loading, before
    training, and writes nothing.
+4. `atomic_save` replaces fairseq's `torch_persistent_save`: the file is written under a
+   temporary name, flushed to disk and renamed, as fairseq does, but a write that fails (the
+   disk full, a quota) removes the partial file and stops the run with an error that names
+   the file, the reason and the intact checkpoints, instead of retrying for 5 s and dying in
+   a traceback. A state whose weights are not finite is never written: the run stops.
+   Temporary files a killed save left behind are removed when the next run starts.
+5. A run resumed from a checkpoint written at the end of an epoch takes that epoch's
+   learning-rate step, which fairseq takes after the save and so loses on resume (the
+   scheduler's best validation loss; reduce_lr_on_plateau's patience).
 """
 
 from __future__ import annotations
@@ -65,26 +75,94 @@ def newest_intact(save_dir: Path, exclude: Path) -> Path | None:
     return None
 
 
-class DamagedCheckpointError(RuntimeError):
-    pass
+class DamagedCheckpointError(SystemExit):
+    """Stops the run with its message, without a traceback."""
+
+
+class CheckpointWriteError(SystemExit):
+    """Stops the run with its message, without a traceback."""
+
+
+def atomic_save(obj, filename: str, async_write: bool = False) -> None:
+    """fairseq's torch_persistent_save for local files: complete or absent, and a clear
+    error when the disk cannot take it (see the module docstring)."""
+    import torch
+
+    path = Path(filename)
+    bad = nonfinite_weights(obj.get("model", {}) if isinstance(obj, dict) else {})
+    if bad:
+        raise CheckpointWriteError(
+            f"error: not writing {path}: {len(bad)} weight tensor(s) are not finite "
+            f"(first: {bad[0]}). The checkpoints written before are left as they are. Lower "
+            "--lr or --masker-lr, or raise --warmup-updates, and rerun the same command to "
+            "resume from checkpoint_last.pt")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        intact = sorted(p.name for p in path.parent.glob("checkpoint*.pt") if p != path)
+        raise CheckpointWriteError(
+            f"error: could not write {path}: {e.strerror or e}. The partial file was removed; "
+            f"the checkpoints written before are intact ({', '.join(intact) or 'none yet'}). "
+            f"Free space in {path.parent} (or pass another --save-dir) and rerun the same "
+            "command to resume") from None
+    os.replace(tmp, path)
+
+
+def nonfinite_weights(state: dict) -> list[str]:
+    """Names of floating-point tensors in a model state dict that hold NaN or inf."""
+    import torch
+
+    return [k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point()
+            and not torch.isfinite(t).all()]
+
+
+def remove_stale_temporaries(save_dir: Path) -> None:
+    """`.tmp` files that a save killed midway left behind (never loaded; as large as a
+    checkpoint each)."""
+    for tmp in save_dir.glob("checkpoint*.pt.tmp"):
+        logger.info(f"removing {tmp}, left by a save that was interrupted")
+        tmp.unlink(missing_ok=True)
 
 
 def guarded_load_checkpoint(original):
     def load_checkpoint(cfg, trainer, **passthrough_args):
         last = Path(cfg.save_dir) / f"checkpoint_last{trainer.checkpoint_suffix}.pt"
-        if cfg.restore_file == "checkpoint_last.pt" and last.is_file():
+        if trainer.is_data_parallel_master and last.parent.is_dir():
+            remove_stale_temporaries(last.parent)
+        if cfg.restore_file == "checkpoint_last.pt" and not last.exists():
+            # killed before checkpoint_last.pt was first made: the checkpoint it was to copy
+            fallback = newest_intact(last.parent, last) if last.parent.is_dir() else None
+            if fallback is not None:
+                logger.warning(f"{last} is missing but {fallback} is there (a run was stopped "
+                               "while saving): resuming from it")
+                cfg = _with(cfg, restore_file=str(fallback))
+        elif cfg.restore_file == "checkpoint_last.pt" and last.is_file():
             why = damage(last)
             if why is not None:
                 fallback = newest_intact(Path(cfg.save_dir), last)
                 if fallback is None:
                     raise DamagedCheckpointError(
-                        f"{last} is damaged ({why}), and {cfg.save_dir} holds no intact "
+                        f"error: {last} is damaged ({why}), and {cfg.save_dir} holds no intact "
                         "checkpoint to resume from. It was left as it is: move it away to "
                         "start this run afresh, or pass --restore-file with a good copy")
                 logger.warning(f"{last} is damaged ({why}); resuming from {fallback}, the "
                                "newest intact checkpoint (the damaged file is left as it is)")
                 cfg = _with(cfg, restore_file=str(fallback))
         extra_state, epoch_itr = original(cfg, trainer, **passthrough_args)
+        position = (extra_state or {}).get("train_iterator") or {}
+        if (position.get("iterations_in_epoch") == 0 and position.get("epoch", 1) > 1
+                and not cfg.reset_lr_scheduler and not cfg.reset_dataloader):
+            # saved at the end of an epoch, which fairseq does before that epoch's lr step
+            # (fairseq_cli/train.py): the step a run that was not stopped takes next, then
+            # again the new epoch's, which fairseq's load already took (its second call
+            # leaves the schedule where an uninterrupted run's begins that epoch)
+            trainer.lr_step(position["epoch"] - 1, extra_state.get("val_loss"))
+            trainer.lr_step(position["epoch"])
         max_update = trainer.cfg.optimization.max_update or 0
         if max_update and trainer.get_num_updates() >= max_update:
             logger.info(f"this run has finished: {trainer.get_num_updates()} updates of "
@@ -119,6 +197,17 @@ def apply() -> None:
     from fairseq.file_io import PathManager
 
     PathManager.copy = staticmethod(atomic_copy)
+    if not hasattr(checkpoint_utils.torch_persistent_save, "__wrapped__"):
+        original_save = checkpoint_utils.torch_persistent_save
+
+        def torch_persistent_save(obj, filename, async_write: bool = False):
+            if isinstance(filename, str) and not async_write and os.path.isdir(
+                    os.path.dirname(os.path.abspath(filename))):
+                return atomic_save(obj, filename)
+            return original_save(obj, filename, async_write)  # other storage backends
+
+        torch_persistent_save.__wrapped__ = original_save
+        checkpoint_utils.torch_persistent_save = torch_persistent_save
     if not hasattr(checkpoint_utils.load_checkpoint, "__wrapped__"):
         checkpoint_utils.load_checkpoint = guarded_load_checkpoint(
             checkpoint_utils.load_checkpoint)

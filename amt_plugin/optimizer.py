@@ -34,9 +34,15 @@ the norm is copied to the host without waiting and read at the next update. The 
 checks and logs the previous update's norm (the first update's is read at once, and logged
 again at the second). An update with a non-finite norm is skipped on the GPU (the fused
 kernel's found_inf, as torch's GradScaler does: no weight, moment or step count moves) and
-stops the run one update later with fairseq's "gradients are Nan/Inf". Only where this
+is logged one update later.
+
+NaN/inf gradients skip their update instead of killing the run (fairseq raises, writes
+crash.pt and exits with a traceback): no weight, Adam moment or step count moves, the update
+count and the learning-rate schedule go on (as under torch's GradScaler), and a warning names
+the role whose gradients were not finite. After --skip-nonfinite-updates such updates in a
+row the run stops with an error; its checkpoints hold the last finite weights. Only where this
 optimizer is the trainer's own (bf16 autocast, bf16 weights, fp32): fairseq's fp16/amp
-wrappers read the norm themselves.
+wrappers have their loss scalers, which skip overflowed updates themselves.
 
 Host overhead matters at small shapes on GPUs, where every kernel launch is issued by the
 CPU: the Adam update uses torch's fused kernel (one launch per group and dtype; torch's
@@ -50,7 +56,6 @@ see configs/.
 
 import ast
 import logging
-import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -107,6 +112,13 @@ class AMTAdamConfig(FairseqAdamConfig):
                   "on GPUs it is read one update late: the logged gnorm is the previous "
                   "update's, and NaN/inf gradients skip their step on the GPU and stop the "
                   "run one update later"},
+    )
+    skip_nonfinite_updates: int = field(
+        default=5,
+        metadata={"help": "how many updates in a row with NaN/inf gradients are skipped "
+                  "(logged; no weight or optimizer state moves) before the run stops with an "
+                  "error; 0 stops at the first. Not under --fp16/--amp, whose loss scalers "
+                  "skip overflowed updates themselves"},
     )
 
 
@@ -172,6 +184,11 @@ class AMTAdam(FairseqOptimizer):
         self.norm_read_late = False
         self._pending_norm = None  # (host copy, its CUDA event or None) of the last norm
         self._reducer = None  # (model, process group): see reduce_gradients_of
+        # Set by the task each update: this optimizer is the trainer's own (no fp16/amp
+        # wrapper), so NaN/inf gradients skip their update here (see _skip_if_not_finite).
+        self.skips_nonfinite = False
+        self._skip_step = False
+        self._nonfinite_in_a_row = 0
 
     @property
     def _peak_lr(self) -> float:
@@ -333,6 +350,9 @@ class AMTAdam(FairseqOptimizer):
 
     def step(self, closure=None, scale=1.0, groups=None) -> None:
         self._take_grads()
+        if self._skip_step:  # NaN/inf gradients (see _skip_if_not_finite): nothing moves
+            self._skip_step = False
+            return
         super().step(closure, scale=scale, groups=groups)
         if self._masters:  # the stepped masters (a group left out has no gradients) to bf16
             moved = [(p, m) for p, m in self._masters if m.grad is not None]
@@ -376,15 +396,45 @@ class AMTAdam(FairseqOptimizer):
                 norm = aggregate_norm_fn(norm)
             if max_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-            groups.append((grads, norm))
+            groups.append((group["name"], grads, norm))
         if not groups:
             return torch.tensor(0.0)
-        total = torch.stack([norm for _, norm in groups]).norm()
+        total = torch.stack([norm for _, _, norm in groups]).norm()
         if max_norm == 0 and self._wrapper is not None:
-            self._clip_each_role_within(groups, total, *self._wrapper)
+            self._clip_each_role_within([g[1:] for g in groups], total, *self._wrapper)
         elif self.norm_read_late and self._wrapper is None:
-            return self._read_late(total)
+            return self._skip_if_not_finite(self._read_late(total), {}, skipped_on_device=True)
+        elif self.skips_nonfinite:
+            return self._skip_if_not_finite(total, {name: n for name, _, n in groups})
         return total
+
+    def _skip_if_not_finite(self, total: torch.Tensor, by_role: dict,
+                            skipped_on_device: bool = False) -> torch.Tensor:
+        """A non-finite gradient norm: this update's step is skipped (the fused kernel has
+        already skipped it on the device when the norm is read late), a warning says so, and
+        the trainer gets a norm of 0 so that it carries on. Stops the run after
+        --skip-nonfinite-updates such updates in a row. One host read of the norm, which
+        fairseq's trainer makes anyway (its own NaN check)."""
+        if torch.isfinite(total).all():
+            self._nonfinite_in_a_row = 0
+            return total
+        self._nonfinite_in_a_row += 1
+        self._skip_step = not skipped_on_device
+        roles = [r for r, n in by_role.items() if not torch.isfinite(n).all()]
+        which = f" ({', '.join(roles)})" if roles else ""
+        limit = self.cfg.skip_nonfinite_updates
+        if self._nonfinite_in_a_row > limit:
+            raise NonFiniteGradientsError(
+                f"error: {self._nonfinite_in_a_row} update(s) in a row had NaN/inf "
+                f"gradients{which}, more than --skip-nonfinite-updates {limit}: the run stops. "
+                "Its checkpoints hold the last finite weights. Lower --lr or --masker-lr, "
+                "raise --warmup-updates or check the data, then rerun the same command to "
+                "resume from checkpoint_last.pt")
+        update = "the previous update (norm read late)" if skipped_on_device else "this update"
+        logger.warning(f"NaN/inf gradients{which}: {update} is skipped, no weight or "
+                       f"optimizer state moves ({self._nonfinite_in_a_row} in a row; the run "
+                       f"stops after {limit})")
+        return torch.zeros_like(total)
 
     def _read_late(self, total: torch.Tensor) -> torch.Tensor:
         """The previous update's norm, on the host; this update's starts its copy there.
@@ -402,9 +452,6 @@ class AMTAdam(FairseqOptimizer):
         host, ready = previous or self._pending_norm  # the first update: its own
         if ready is not None:
             ready.synchronize()
-        if not math.isfinite(host.item()):
-            logger.error("the previous update's gradients were NaN/inf (norm read one update "
-                         "late): its step was skipped; see --sync-grad-norm")
         return host
 
     @staticmethod
@@ -423,6 +470,10 @@ class AMTAdam(FairseqOptimizer):
             ratio = torch.where(scaled.isfinite(), own / joint, torch.ones_like(own))
             torch._foreach_mul_(grads, ratio.to(grads[0].device))
 
+
+
+class NonFiniteGradientsError(SystemExit):
+    """Stops the run with its message and no traceback (and writes no checkpoint)."""
 
 
 def adam_betas(value) -> tuple[float, float]:

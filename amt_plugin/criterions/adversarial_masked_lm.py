@@ -383,8 +383,9 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             loss_grid, by_masker, draw.selected, tokens, draw.log_prob, draw.entropy,
             previous, self.cfg.masker_entropy_weight, self.is_top.numel(),
         )
-        if model.training:  # a copy: under CUDA graphs the next replay reuses the output
-            masker.reward_mean = reward_mean.clone()
+        if model.training:  # a copy: under CUDA graphs the next replay reuses the output;
+            # a non-finite reward (a skipped update's NaN loss) leaves the mean as it was
+            masker.reward_mean = torch.where(reward_mean.isfinite(), reward_mean, previous)
         return loss, logs
 
     def diagnostics(self, tokens: Tensor, choice: masking.Choice, targets: Tensor,

@@ -113,9 +113,9 @@ class Masker(nn.Module):
 
     def get_extra_state(self) -> Tensor:
         """Saved under `masker._extra_state`: the running reward mean as an fp32 tensor of
-        one element, or of none before there is one; a tensor, so that checkpoint tools
-        handle it like the weights."""
-        if self.reward_mean is None:
+        one element, or of none before there is one (NaN stands for none on the device);
+        a tensor, so that checkpoint tools handle it like the weights."""
+        if self.reward_mean is None or not torch.isfinite(self.reward_mean).all():
             return torch.zeros(0)
         return self.reward_mean.detach().float().reshape(1)
 

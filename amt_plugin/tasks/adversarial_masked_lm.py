@@ -376,6 +376,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             # fairseq's FP16Optimizer clips all roles jointly: let amt_adam clip each role
             fp32_optimizer.clip_roles_under(optimizer, self._clip_norm)
         elif isinstance(optimizer, AMTAdam):  # the trainer's own optimizer: no fp16/amp wrapper
+            optimizer.skips_nonfinite = True  # NaN/inf gradients skip their update
             # on a GPU, read the gradient norm one update late (see amt_plugin.optimizer)
             synced = getattr(optimizer.cfg, "sync_grad_norm", False)
             optimizer.norm_read_late = (optimizer.fused and not synced
