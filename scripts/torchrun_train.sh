@@ -9,8 +9,12 @@
 # (rank % torch.cuda.device_count()), which breaks on CPU and on partial GPU sets. torchrun
 # already exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT: this passes them
 # to fairseq explicitly and lets fairseq initialise the process group from the environment.
+#
+# FAIRSEQ_TRAIN, if set, is the command run instead of fairseq-train (a wrapper that takes
+# fairseq-train's arguments).
 set -euo pipefail
 : "${RANK:?run me under torchrun}" "${WORLD_SIZE:?}" "${LOCAL_RANK:?}"
-exec fairseq-train "$@" \
+read -ra train <<< "${FAIRSEQ_TRAIN:-fairseq-train}"
+exec "${train[@]}" "$@" \
   --distributed-world-size "$WORLD_SIZE" --distributed-rank "$RANK" \
   --device-id "$LOCAL_RANK" --distributed-init-method env:// --distributed-no-spawn

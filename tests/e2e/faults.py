@@ -13,7 +13,8 @@ What goes wrong is read from the environment variable AMT_TEST_FAULTS, a JSON ob
 - "nan_masker_at": [U] the masker's logits at updates U are NaN
 - "nan_weight_at": U  after update U a predictor weight holds NaN
 - "trace": PATH       after every update, PATH.rank<R> gets a JSON line: the update, a digest
-                      of every weight, and a digest of the masks this rank drew
+                      of every weight, a digest of the masks this rank drew, and whether
+                      this rank's batch was empty (fairseq then trains on a dummy batch)
 - "cuda_shim": true   `Tensor.cuda()` returns the tensor: fairseq's fp16 overflow branch puts
                       a zero on CUDA (trainer.py), which a GPU has and this CPU does not
 
@@ -122,7 +123,8 @@ def patch_trainer() -> None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             with open(f"{FAULTS['trace']}.rank{rank}", "a") as f:
                 f.write(json.dumps({"update": update, "weights": weights.hexdigest(),
-                                    "masks": state["masks"].hexdigest()}) + "\n")
+                                    "masks": state["masks"].hexdigest(),
+                                    "empty_batch": any(not s for s in samples)}) + "\n")
         return out
 
     Trainer.train_step = step

@@ -1,8 +1,10 @@
 """fairseq-train / fairseq-validate with --user-dir amt_plugin on tiny data, on CPU."""
 
+import json
 import math
 import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,6 +134,39 @@ def test_two_processes_under_torchrun(zipf_data, tmp_path):
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**ENV, "PATH": f"{BIN}:{ENV['PATH']}"}, timeout=300)
     check_distributed_run([(proc.returncode, proc.stdout)], tmp_path / "ck")
+
+
+def test_two_nodes_over_loopback(zipf_data, tmp_path):
+    """Two torchrun "nodes" (--nnodes 2, one process each) over 127.0.0.1 with gloo, as the
+    multi-node recipe in docs/multi-node.md runs them: after every update the ranks' weights
+    agree and their masks differ. 29 batches an epoch: at its end one rank has none and
+    trains on fairseq's dummy batch."""
+    port, trace = free_port(), tmp_path / "trace"
+    train_cmd = train_args(zipf_data, tmp_path / "ck", *GLOO[:4], "--max-update", "16",
+                           "--masker-warmup-updates", "4", "--log-interval", "4")
+    env = {**ENV, "PATH": f"{BIN}:{ENV['PATH']}",
+           "AMT_TEST_FAULTS": json.dumps({"trace": str(trace)}),
+           "FAIRSEQ_TRAIN": f"{sys.executable} {ROOT / 'tests' / 'e2e' / 'faults.py'}"}
+    nodes = [subprocess.Popen(
+        [str(BIN / "torchrun"), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node",
+         "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "--no-python",
+         str(ROOT / "scripts" / "torchrun_train.sh"), *train_cmd[1:]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for node in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    ranks = [[json.loads(line) for line in open(f"{trace}.rank{r}")] for r in (0, 1)]
+    assert [e["update"] for e in ranks[0]] == [e["update"] for e in ranks[1]] == \
+        list(range(1, 17))
+    for a, b in zip(*ranks):
+        assert a["weights"] == b["weights"], a["update"]
+        assert a["masks"] != b["masks"], a["update"]
+    assert len({e["weights"] for e in ranks[0]}) == 16  # they moved every update
+    assert sum(e["empty_batch"] for r in ranks for e in r) == 1
+    state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
+    opt = state["last_optimizer_state"]
+    assert {g["name"]: int(opt["state"][g["params"][0]]["step"]) for g in opt["param_groups"]} \
+        == {"predictor": 16, "masker": 12}  # both roles trained
 
 
 def test_lines_longer_than_a_block_are_counted_and_the_fix_named(zipf_data, tmp_path):
