@@ -22,7 +22,12 @@ traceback. And a finished run that is started again trains one more update and o
    the file, the reason and the intact checkpoints, instead of retrying for 5 s and dying in
    a traceback. A state whose weights are not finite is never written: the run stops.
    Temporary files a killed save left behind are removed when the next run starts.
-5. A run resumed from a checkpoint written at the end of an epoch takes that epoch's
+5. A checkpoint that cannot be read (cut short, corrupted, not a checkpoint) or does not fit
+   the model it is loaded into (another dictionary, another architecture) stops the command
+   with an error that says which and what to pass instead, wherever fairseq loads one
+   (`--restore-file` and resuming, fairseq-validate, the project's scripts), instead of a
+   pickle or size-mismatch traceback. Nothing is written or changed.
+6. A run resumed from a checkpoint written at the end of an epoch takes that epoch's
    learning-rate step, which fairseq takes after the save and so loses on resume (the
    scheduler's best validation loss; reduce_lr_on_plateau's patience).
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import zipfile
 from pathlib import Path
@@ -81,6 +87,95 @@ class DamagedCheckpointError(SystemExit):
 
 class CheckpointWriteError(SystemExit):
     """Stops the run with its message, without a traceback."""
+
+
+class UnusableCheckpointError(SystemExit):
+    """Stops the command with its message, without a traceback."""
+
+
+def guarded_load_checkpoint_to_cpu(original):
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        try:
+            return original(path, arg_overrides, load_on_all_ranks)
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+                pickle.UnpicklingError) as e:
+            file = Path(path)
+            if not file.is_file():
+                raise UnusableCheckpointError(
+                    f"error: checkpoint {path} does not exist: check the path") from None
+            with open(file, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"  # torch's format since 1.6
+            why = damage(file) if zipped else None
+            if why is None and zipped:
+                raise  # complete, and refused for what it holds: the loader's own words
+            why = why or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise UnusableCheckpointError(
+                f"error: {path} is not a readable checkpoint ({why}). A copy or save that was "
+                "cut short leaves such a file: use an intact checkpoint (the interval "
+                "checkpoints checkpoint_E_U.pt beside it, or checkpoint_best.pt)") from None
+
+    load_checkpoint_to_cpu.__wrapped__ = original
+    return load_checkpoint_to_cpu
+
+
+def read(path: Path) -> dict:
+    """A checkpoint file's contents (weights-only unpickling), or an error saying why not."""
+    import torch
+    from fairseq import checkpoint_utils
+
+    if not Path(path).is_file():
+        raise UnusableCheckpointError(f"error: checkpoint {path} does not exist: check the path")
+    load = checkpoint_utils.load_checkpoint_to_cpu  # (the guarded one: its errors)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        load(str(path))  # raises the clear error
+        raise
+
+
+def mismatch(model_state: dict, loaded: dict) -> str:
+    """What keeps a checkpoint's weights out of a model, and what to do about it."""
+    shapes = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in loaded.items()
+              if k in model_state and torch_shape(v) != torch_shape(model_state[k])]
+    missing = [k for k in model_state if k not in loaded]
+    unexpected = [k for k in loaded if k not in model_state]
+    parts = []
+    if shapes:
+        k, have, want = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) differ in shape (first: {k}: {have} in the "
+                     f"checkpoint, {want} in the model)")
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in the model (first: {unexpected[0]})")
+    embed = [(have, want) for k, have, want in shapes
+             if k.endswith("embed_tokens.weight") and have[1:] == want[1:]]
+    if embed:
+        fix = (f"its dictionary has {embed[0][0][0]} entries and this command's has "
+               f"{embed[0][1][0]}: use the binarized data (dict.txt) the checkpoint was "
+               "trained on")
+    else:
+        fix = ("it was trained as another architecture or model: pass the --arch (or "
+               "config) it was trained with, or start without it")
+    return (f"error: the checkpoint does not fit the model: {'; '.join(parts)}. Probably {fix}. "
+            "Nothing was loaded or changed")
+
+
+def torch_shape(t) -> tuple:
+    return tuple(t.shape) if hasattr(t, "shape") else ()
+
+
+def guarded_load_state_dict(original):
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        try:
+            return original(self, state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        except RuntimeError as e:
+            if not any(s in str(e) for s in ("size mismatch", "Missing key", "Unexpected key")):
+                raise
+            raise UnusableCheckpointError(mismatch(self.state_dict(), state_dict)) from None
+
+    load_state_dict.__wrapped__ = original
+    return load_state_dict
 
 
 def atomic_save(obj, filename: str, async_write: bool = False) -> None:
@@ -134,6 +229,10 @@ def guarded_load_checkpoint(original):
         last = Path(cfg.save_dir) / f"checkpoint_last{trainer.checkpoint_suffix}.pt"
         if trainer.is_data_parallel_master and last.parent.is_dir():
             remove_stale_temporaries(last.parent)
+        if cfg.restore_file != "checkpoint_last.pt" and not Path(cfg.restore_file).is_file():
+            # fairseq would start from scratch without a word (and overwrite checkpoint_last)
+            raise UnusableCheckpointError(
+                f"error: --restore-file {cfg.restore_file} does not exist: check the path")
         if cfg.restore_file == "checkpoint_last.pt" and not last.exists():
             # killed before checkpoint_last.pt was first made: the checkpoint it was to copy
             fallback = newest_intact(last.parent, last) if last.parent.is_dir() else None
@@ -195,6 +294,14 @@ def _with(cfg, **changes):
 def apply() -> None:
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
+    from fairseq.models import BaseFairseqModel
+
+    if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__"):
+        checkpoint_utils.load_checkpoint_to_cpu = guarded_load_checkpoint_to_cpu(
+            checkpoint_utils.load_checkpoint_to_cpu)
+    if not hasattr(BaseFairseqModel.load_state_dict, "__wrapped__"):
+        BaseFairseqModel.load_state_dict = guarded_load_state_dict(
+            BaseFairseqModel.load_state_dict)
 
     PathManager.copy = staticmethod(atomic_copy)
     if not hasattr(checkpoint_utils.torch_persistent_save, "__wrapped__"):

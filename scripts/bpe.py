@@ -11,7 +11,9 @@ and `dict.txt` (token ids written as text, as fairseq's RoBERTa recipe does).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +23,45 @@ def train_sentencepiece(text: Path, out: Path, vocab_size: int) -> None:
     import sentencepiece as spm
 
     out.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(out / "spm"), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, num_threads=os.cpu_count() or 1,
-        # fairseq's dictionary adds its own <s> <pad> </s> <unk>; keep SentencePiece's control
-        # symbols out of the text so the two do not collide
-        bos_id=-1, eos_id=-1, minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(text), model_prefix=str(out / "spm"), vocab_size=vocab_size,
+            model_type="bpe", character_coverage=1.0, num_threads=os.cpu_count() or 1,
+            # fairseq's dictionary adds its own <s> <pad> </s> <unk>; keep SentencePiece's
+            # control symbols out of the text so the two do not collide
+            bos_id=-1, eos_id=-1, minloglevel=2,
+        )
+    except RuntimeError as e:
+        for made in ("spm.model", "spm.vocab"):
+            (out / made).unlink(missing_ok=True)
+        too_high = re.search(r"Vocabulary size too high.*<= (\d+)", str(e))
+        if too_high:
+            raise ValueError(
+                f"{text} is too small for a vocabulary of {vocab_size} pieces (SentencePiece "
+                f"finds at most {too_high[1]} in it): use a larger corpus, or --vocab-size "
+                f"{too_high[1]} or less") from None
+        raise
+
+
+def check_matches(bpe_dir: Path, symbols: list[str], dict_txt: Path | str) -> None:
+    """Raise ValueError unless a dictionary's symbols (dict.txt's, without fairseq's specials)
+    were made from text that this BPE encoded: every symbol a SentencePiece piece, or every
+    GPT-2 id one of encoder.json's."""
+    symbols = [s for s in symbols if not s.startswith("madeupword") and s != "<mask>"]
+    if (bpe_dir / "spm.model").is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(bpe_dir / "spm.model"))
+        known = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    else:
+        encoder = json.loads((bpe_dir / "encoder.json").read_text(encoding="utf-8"))
+        known = {str(i) for i in encoder.values()}
+    foreign = [s for s in symbols if s not in known]
+    if foreign:
+        raise ValueError(
+            f"the BPE in {bpe_dir} does not match {dict_txt}: {len(foreign)} of its "
+            f"{len(symbols)} symbols are not pieces of that BPE (first: {foreign[0]!r}). Pass "
+            "the BPE directory the data was binarized with (run.sh's OUT/bpe)")
 
 
 def load_encoder(bpe_dir: Path) -> Callable[[str], str]:

@@ -43,7 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from bpe import load_encoder  # noqa: E402
+from bpe import check_matches, load_encoder  # noqa: E402
 
 import amt_plugin  # noqa: E402,F401  (weights-only checkpoint loading; AMT checkpoints)
 from amt_plugin.masking import symbol_starts_word  # noqa: E402
@@ -236,7 +236,11 @@ def evaluate(checkpoint: Path, bpe_dir: Path, blimp_dir: Path | None = None,
     model, d = load_model(checkpoint, data)
     if gpu and torch.cuda.is_available():
         model.cuda()
-    encode = load_encoder(bpe_dir)
+    try:
+        encode = load_encoder(bpe_dir)
+        check_matches(bpe_dir, d.symbols[d.nspecial:], f"{checkpoint}'s dictionary")
+    except (FileNotFoundError, ValueError) as e:
+        raise BlimpError(str(e)) from None
     starts_table = word_start_table(d, bpe_dir)
     longest = model.max_positions() - 2  # <s> and </s>
     sentences, starts, kept = [], [], []

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import amt_plugin  # noqa: E402,F401  (weights-only loading of fairseq checkpoints)
+from amt_plugin import checkpoints  # noqa: E402
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq's Dictionary: ids 0-3
 MASK = "<mask>"  # appended by the masked-LM tasks after dict.txt
@@ -44,11 +45,7 @@ MASK = "<mask>"  # appended by the masked-LM tasks after dict.txt
 def load_predictor(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """(model config, the predictor's encoder.* tensors, the data directory it was trained
     on) of an AMT or fairseq RoBERTa file."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise SystemExit(f"error: cannot read {checkpoint} ({e}); is it a complete "
-                         "checkpoint?") from None
+    state = checkpoints.read(checkpoint)
     cfg = state["cfg"]["model"]
     cfg = dict(vars(cfg) if isinstance(cfg, argparse.Namespace) else cfg)
     weights = {k[len("encoder."):]: v for k, v in state["model"].items()
@@ -192,6 +189,12 @@ def export_tokenizer(bpe_dir: Path, dict_txt: Path, vocab_size: int, max_length:
                      out: Path) -> str:
     symbols = fairseq_symbols(dict_txt, vocab_size)
     if (bpe_dir / "spm.model").is_file():
+        from bpe import check_matches  # scripts/, beside this file
+
+        try:
+            check_matches(bpe_dir, symbols[len(SPECIALS):], dict_txt)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         kind = "sentencepiece"
         tokenizer = sentencepiece_tokenizer(bpe_dir / "spm.model", dict_txt, max_length, out)
     elif (bpe_dir / "encoder.json").is_file() and (bpe_dir / "vocab.bpe").is_file():

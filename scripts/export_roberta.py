@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import amt_plugin  # noqa: E402,F401  (weights-only loading of fairseq checkpoints)
+from amt_plugin import checkpoints  # noqa: E402
 
 SHAPE = ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
          "encoder_attention_heads", "max_positions")
@@ -37,7 +38,12 @@ TASK_KEYS = {  # masked_lm's own config keys; ours (masking_strategy, ...) are d
 
 
 def export(checkpoint: Path, out: Path, data: Path | None = None) -> Path:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = checkpoints.read(checkpoint)
+    if "encoder.sentence_encoder.embed_tokens.weight" not in state.get("model", {}):
+        raise SystemExit(f"error: {checkpoint} holds no RoBERTa predictor (encoder.* weights)")
+    if data is not None:
+        check_dictionary(data / "dict.txt",
+                         len(state["model"]["encoder.sentence_encoder.embed_tokens.weight"]))
     model_cfg = state["cfg"]["model"]  # a Namespace from fairseq-train, a dict from hydra
     model_cfg = dict(vars(model_cfg) if isinstance(model_cfg, argparse.Namespace) else model_cfg)
     shape = tuple(model_cfg[k] for k in SHAPE)
@@ -70,6 +76,19 @@ def export(checkpoint: Path, out: Path, data: Path | None = None) -> Path:
         flags.append("--encoder-normalize-before")
     (out / "roberta_args.txt").write_text(" ".join(flags) + "\n")
     return out / "model.pt"
+
+
+def check_dictionary(dict_txt: Path, rows: int) -> None:
+    """The data's dictionary (fairseq's 4 specials, dict.txt, <mask>) fits the embeddings."""
+    if not dict_txt.is_file():
+        raise SystemExit(f"error: {dict_txt} does not exist: --data takes the binarized "
+                         "data directory the checkpoint was trained on")
+    lines = dict_txt.read_text(encoding="utf-8").splitlines()
+    if 4 + len(lines) + 1 != rows:
+        raise SystemExit(
+            f"error: {dict_txt} gives {4 + len(lines) + 1} symbols (with the 4 specials and "
+            f"<mask>) but the checkpoint has {rows} embeddings: pass the --data directory the "
+            "checkpoint was trained on. Nothing was written")
 
 
 def random_init(checkpoint: Path, out: Path, data: Path, seed: int = 1) -> Path:

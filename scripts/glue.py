@@ -94,6 +94,20 @@ def check_task_dir(task: Task, glue_dir: Path) -> None:
             f"{glue_dir / task.name} lacks {', '.join(missing)}: --glue-dir must hold GLUE's "
             f"layout (TASK/train.tsv, TASK/dev.tsv); use --download-glue to fetch it"
         )
+    splits = label_columns(task)
+    seen = {name: set(read_rows(task, glue_dir / task.name / f"{name}.tsv", col)[1])
+            for name, col in splits.items()}
+    if not task.regression:
+        for name in list(splits)[1:]:
+            unseen = sorted(seen[name] - seen["train"])
+            if unseen:
+                raise GlueError(f"{glue_dir / task.name / name}.tsv has labels that train.tsv "
+                                f"lacks ({', '.join(unseen[:6])}): are the files one task's?")
+
+
+def label_columns(task: Task) -> dict[str, int]:
+    """Each file of a task (train, then the dev splits) and its label column."""
+    return {"train": task.label, **{d: task.dev_label or task.label for d in task.dev_splits}}
 
 
 # --- download ----------------------------------------------------------------------------------
@@ -202,15 +216,32 @@ def read_rows(task: Task, path: Path, label_col: int) -> tuple[list[list[str]], 
     if task.header:
         lines = lines[1:]
     width = max(*task.inputs, label_col) + 1
-    for line in lines:
-        cols = line.split("\t")
-        if len(cols) < width:  # GLUE's own preprocessing skips malformed rows too
+    first = 2 if task.header else 1
+    for n, line in enumerate(lines, first):
+        if not line.strip():
             continue
+        cols = line.split("\t")
+        if len(cols) < width:
+            raise GlueError(f"{path} line {n} has {len(cols)} tab-separated column(s), "
+                            f"{task.name} needs {width}: is it {task.name}'s file, unmodified?")
+        label = cols[label_col].strip()
+        if not label:
+            raise GlueError(f"{path} line {n} has no label (column {label_col + 1})")
+        if task.regression:
+            try:
+                float(label)
+            except ValueError:
+                raise GlueError(f"{path} line {n}: {task.name}'s label must be a number, "
+                                f"got {label!r}") from None
         for i, c in enumerate(task.inputs):
             inputs[i].append(cols[c])
-        labels.append(cols[label_col].strip())
+        labels.append(label)
     if not labels:
-        raise GlueError(f"{path}: no rows with {width} tab-separated columns; is it {task.name}?")
+        raise GlueError(f"{path} holds no rows: is it {task.name}'s file?")
+    kinds = sorted(set(labels))
+    if not task.regression and len(kinds) > task.num_classes:
+        raise GlueError(f"{path} has {len(kinds)} different labels ({', '.join(kinds[:6])}), "
+                        f"{task.name} has {task.num_classes}: is the label column right?")
     return inputs, labels
 
 

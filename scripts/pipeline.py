@@ -18,6 +18,7 @@ budget, one column each.
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib.util
 import json
 import os
@@ -156,6 +157,31 @@ def check_corpus_dir(path: Path) -> None:
                                 "one sentence or document per line")
         if not head.decode("utf-8", errors="replace").strip():
             raise PipelineError(f"corpus file {f} holds no text")
+        check_utf8(f)
+
+
+def check_utf8(path: Path) -> None:
+    """The whole file decodes as UTF-8 (read in 16 MiB blocks), or an error naming the line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = line = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line += block[:e.start].count(b"\n")
+                raise PipelineError(
+                    f"{path} is not UTF-8: byte {block[e.start]:#04x} at offset {at} (line "
+                    f"{line + 1}). Convert the corpus to UTF-8 first, for example with "
+                    f"`iconv -f latin1 -t utf-8`") from None
+            offset += len(block)
+            line += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise PipelineError(f"{path} is not UTF-8: it ends inside a multi-byte character; "
+                                "is it cut short?") from None
 
 
 # --- stages ------------------------------------------------------------------------------------
@@ -251,7 +277,10 @@ def stage_bpe(args: argparse.Namespace, text: Path) -> Path:
     else:
         banner("bpe", f"SentencePiece BPE, {args.vocab_size} pieces, trained on "
                       f"{text / 'train.txt'} -> {bpe}")
-        train_sentencepiece(text / "train.txt", bpe, args.vocab_size)
+        try:
+            train_sentencepiece(text / "train.txt", bpe, args.vocab_size)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
     encode_files(bpe, [(text / f"{s}.txt", bpe / f"{s}.bpe") for s in SPLITS])
     return bpe
 
