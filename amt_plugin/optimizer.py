@@ -67,6 +67,8 @@ from fairseq.optim.adam import FairseqAdamConfig
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("predictor", "masker")
@@ -132,7 +134,7 @@ class AMTAdam(FairseqOptimizer):
         for p in params:
             role = getattr(p, "param_group", None)
             if role not in by_role:
-                raise ValueError(
+                raise UsageError(
                     "--optimizer amt_adam needs every parameter tagged 'predictor' or "
                     f"'masker' (found {role!r}); use it with --arch amt_* models, and with "
                     "--fp16 also pass --fp16-no-flatten-grads"
@@ -483,7 +485,7 @@ def adam_betas(value) -> tuple[float, float]:
     except (ValueError, SyntaxError, TypeError):
         betas = ()
     if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
-        raise ValueError(f"--adam-betas must be two numbers in [0, 1) such as '(0.9, 0.98)', "
+        raise UsageError(f"--adam-betas must be two numbers in [0, 1) such as '(0.9, 0.98)', "
                          f"got {value!r}")
     return float(betas[0]), float(betas[1])
 

@@ -67,6 +67,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from .. import masking, yardstick
+from ..errors import UsageError
 from ..models.predictor import PredictorEncoder
 from ..objectives import masker_objective
 
@@ -144,22 +145,22 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
     def __init__(self, cfg: AdversarialMaskedLMCriterionConfig, task) -> None:
         super().__init__(task)
         if not hasattr(task, "is_word_start"):
-            raise ValueError(
+            raise UsageError(
                 "--criterion adversarial_masked_lm needs --task adversarial_masked_lm "
                 "(it masks inside the criterion; other tasks mask in the dataset)"
             )
         if cfg.masker_temperature <= 0:
-            raise ValueError(f"--masker-temperature must be > 0, got {cfg.masker_temperature}")
+            raise UsageError(f"--masker-temperature must be > 0, got {cfg.masker_temperature}")
         if not 0.0 <= cfg.masker_random_share <= 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"--masker-random-share must be in [0, 1], got {cfg.masker_random_share}"
             )
         if cfg.masker_update_freq < 1:
-            raise ValueError(f"--masker-update-freq must be >= 1, got {cfg.masker_update_freq}")
+            raise UsageError(f"--masker-update-freq must be >= 1, got {cfg.masker_update_freq}")
         if cfg.masker_warmup_updates < 0:
-            raise ValueError("--masker-warmup-updates must be >= 0")
+            raise UsageError("--masker-warmup-updates must be >= 0")
         if not 0.0 <= cfg.adaptive_decay < 1.0 or not 0.0 < cfg.adaptive_floor <= 1.0:
-            raise ValueError("--adaptive-decay must be in [0, 1) and --adaptive-floor in "
+            raise UsageError("--adaptive-decay must be in [0, 1) and --adaptive-floor in "
                              f"(0, 1], got {cfg.adaptive_decay} and {cfg.adaptive_floor}")
         # plain copies of the two configs: the step reads them a dozen times per update,
         # and each read of an omegaconf node costs tens of microseconds of host time
@@ -278,7 +279,7 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         chooses = self.learned and (not model.training or self.masker_chooses(self.num_updates))
         trains = model.training and self.learned and self.masker_trains(self.num_updates)
         if self.learned and masker is None:
-            raise ValueError(
+            raise UsageError(
                 "--masking-strategy learned needs a model with a masker: use --arch amt_tiny, "
                 "amt_small, amt_base or amt_large (or --masking-strategy random)"
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from . import cpu_dropout
 
 
@@ -20,7 +21,7 @@ class MaskerBlock(nn.Module):
     def __init__(self, embed_dim: int, ffn_dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         if embed_dim % heads != 0:
-            raise ValueError(
+            raise UsageError(
                 f"--masker-embed-dim {embed_dim} is not divisible by "
                 f"--masker-attention-heads {heads}; pick a head count that divides it"
             )
@@ -99,7 +100,7 @@ class Masker(nn.Module):
         (flash attention on GPUs). None checks nothing and always masks the padding."""
         B, T = tokens.shape
         if T > self.embed_positions.num_embeddings:
-            raise ValueError(
+            raise UsageError(
                 f"sequence of {T} tokens is longer than the masker's "
                 f"{self.embed_positions.num_embeddings} positions; raise --max-positions"
             )

@@ -42,6 +42,7 @@ from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 from omegaconf import OmegaConf
 
 from .. import masking
+from ..errors import UsageError
 from ..models.amt import PREDICTOR
 from ..optimizer import AMTAdam
 
@@ -183,11 +184,11 @@ class AdversarialMaskedLMTask(MaskedLMTask):
 
     def __init__(self, cfg: AdversarialMaskedLMConfig, dictionary=None) -> None:
         if not 0.0 < cfg.mask_prob <= 1.0:
-            raise ValueError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
+            raise UsageError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
         if cfg.pad_to_multiple < 1:
-            raise ValueError(f"--pad-to-multiple must be 1 or more, got {cfg.pad_to_multiple}")
+            raise UsageError(f"--pad-to-multiple must be 1 or more, got {cfg.pad_to_multiple}")
         if cfg.leave_unmasked_prob + cfg.random_token_prob > 1.0:
-            raise ValueError(
+            raise UsageError(
                 "--leave-unmasked-prob + --random-token-prob must not exceed 1 "
                 f"(got {cfg.leave_unmasked_prob} + {cfg.random_token_prob})"
             )
@@ -208,7 +209,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         update_freq = list(getattr(optimization, "update_freq", None) or [1])
         if (cfg.torch_compile and cfg.torch_compile_mode in CUDA_GRAPH_MODES
                 and not kwargs.get("from_checkpoint") and max(update_freq) > 1):
-            raise ValueError(_NO_ACCUMULATION.format(mode=cfg.torch_compile_mode))
+            raise UsageError(_NO_ACCUMULATION.format(mode=cfg.torch_compile_mode))
         task = super().setup_task(cfg, **kwargs)
         # the run's --clip-norm, for clipping per role under FP16Optimizer (see train_step)
         task._clip_norm = float(getattr(optimization, "clip_norm", 0.0) or 0.0)
@@ -240,7 +241,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             path = self.cfg.gpt2_encoder_json
             if not path or not os.path.isfile(path):
                 missing = f" ({path} does not exist)" if path else ""
-                raise ValueError(
+                raise UsageError(
                     "--mask-whole-words with --word-boundaries gpt2 reads word starts from "
                     f"GPT-2's encoder.json, which is never downloaded{missing}: pass "
                     "--gpt2-encoder-json PATH, the file the corpus was encoded with"
@@ -249,7 +250,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
                 begins = masking.symbol_starts_word(d.symbols, json.load(f))
         else:
             if not any(s.startswith("\u2581") for s in d.symbols):
-                raise ValueError(
+                raise UsageError(
                     "--mask-whole-words with --word-boundaries sentencepiece needs a dictionary "
                     "of SentencePiece pieces (symbols starting with '\u2581'); this one has "
                     "none. Encode the corpus with SentencePiece, or pass "
@@ -264,23 +265,28 @@ class AdversarialMaskedLMTask(MaskedLMTask):
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
+        if (self.cfg.masking_strategy == "learned" and not from_checkpoint
+                and getattr(model, "masker", None) is None):
+            raise UsageError(
+                "--masking-strategy learned needs a model with a masker: use --arch amt_tiny, "
+                "amt_small, amt_base or amt_large (or another --masking-strategy)")
         if self.cfg.bf16_weights and not from_checkpoint:
             # amt_adam keeps the fp32 master weights (see amt_plugin/optimizer.py); tools
             # that load a checkpoint to evaluate or fine-tune it keep their own precision
             model = model.to(torch.bfloat16)
         if self.cfg.torch_compile_mode != "default" and not self.cfg.torch_compile:
-            raise ValueError(f"--torch-compile-mode {self.cfg.torch_compile_mode} needs "
+            raise UsageError(f"--torch-compile-mode {self.cfg.torch_compile_mode} needs "
                              "--torch-compile as well")
         # Training only: tools that load a checkpoint to evaluate or fine-tune it
         # (from_checkpoint) run eager instead of paying the compile time.
         if self.cfg.torch_compile and not from_checkpoint:
             if not hasattr(model, "compile_blocks"):
-                raise ValueError("--torch-compile works with the amt_* architectures only")
+                raise UsageError("--torch-compile works with the amt_* architectures only")
             if torch.cuda.is_available():
                 from torch.utils._triton import has_triton
 
                 if not has_triton():
-                    raise ValueError("--torch-compile on a GPU needs triton (pip install "
+                    raise UsageError("--torch-compile on a GPU needs triton (pip install "
                                      "triton matching your torch), or leave the flag out")
             model.compile_blocks(self.cfg.torch_compile_mode)
             if (self.cfg.torch_compile_mode in CUDA_GRAPH_MODES and torch.cuda.is_available()
@@ -310,7 +316,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         # overwritten as well, and accumulating under CUDA graphs has never been checked.
         if first.grad is not None or (isinstance(optimizer, AMTAdam)
                                       and optimizer.has_folded_grads):
-            raise ValueError(_NO_ACCUMULATION.format(mode=self.cfg.torch_compile_mode))
+            raise UsageError(_NO_ACCUMULATION.format(mode=self.cfg.torch_compile_mode))
         torch.compiler.cudagraph_mark_step_begin()
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
@@ -355,10 +361,10 @@ class AdversarialMaskedLMTask(MaskedLMTask):
         if self.cfg.bf16_autocast:
             half = (AMPOptimizer, _FP16OptimizerMixin, _MemoryEfficientFP16OptimizerMixin)
             if isinstance(optimizer, half):
-                raise ValueError("--bf16-autocast replaces --fp16 / --amp / "
+                raise UsageError("--bf16-autocast replaces --fp16 / --amp / "
                                  "--memory-efficient-fp16: pass only one of them")
             if device == "cuda" and not torch.cuda.is_bf16_supported():
-                raise ValueError("--bf16-autocast needs a GPU with bf16 support (Ampere or "
+                raise UsageError("--bf16-autocast needs a GPU with bf16 support (Ampere or "
                                  "newer); on this one use --fp16 --fp16-no-flatten-grads")
             return torch.autocast(device, dtype=torch.bfloat16)
         return torch.autocast(device, dtype=torch.float16,
@@ -420,7 +426,7 @@ class AdversarialMaskedLMTask(MaskedLMTask):
             optimizer.step(groups=groups)
             return
         if isinstance(optimizer, FP16Optimizer):
-            raise ValueError(
+            raise UsageError(
                 "this optimizer cannot step the predictor without moving the masker under "
                 "--fp16 (its fp32 copies get zero gradients, and Adam momentum would still "
                 "move them). Use --optimizer amt_adam --fp16-no-flatten-grads, or "
@@ -453,33 +459,33 @@ def check_bf16_weights(task_cfg: AdversarialMaskedLMConfig) -> None:
     fairseq's own bf16 training (--bf16) cannot be used on GPUs: it implies --tpu."""
     common = run_config(task_cfg, "common")
     if common is None:
-        raise ValueError("--bf16-weights is a training flag (fairseq-train, "
+        raise UsageError("--bf16-weights is a training flag (fairseq-train, "
                          "fairseq-hydra-train): it configures the trainer")
     clashes = [flag for flag, on in (
         ("--fp16", common.fp16), ("--memory-efficient-fp16", common.memory_efficient_fp16),
         ("--amp", common.amp), ("--bf16 / --tpu", common.bf16 or common.tpu),
         ("--bf16-autocast", task_cfg.bf16_autocast)) if on]
     if clashes:
-        raise ValueError(f"--bf16-weights replaces {', '.join(clashes)}: pass only one "
+        raise UsageError(f"--bf16-weights replaces {', '.join(clashes)}: pass only one "
                          "precision flag")
     optimizer = getattr(run_config(task_cfg, "optimizer"), "_name", None)
     if optimizer != "amt_adam":
-        raise ValueError(f"--bf16-weights needs --optimizer amt_adam, which keeps the fp32 "
+        raise UsageError(f"--bf16-weights needs --optimizer amt_adam, which keeps the fp32 "
                          f"master weights of the bf16 model (got {optimizer!r}); or train "
                          "with --bf16-autocast")
     distributed = run_config(task_cfg, "distributed_training")
     if distributed is not None:  # amt_adam all-reduces the fp32 gradients itself
         if distributed.ddp_backend not in ("pytorch_ddp", "c10d", "legacy_ddp", "no_c10d"):
-            raise ValueError(f"--bf16-weights works with --ddp-backend pytorch_ddp or "
+            raise UsageError(f"--bf16-weights works with --ddp-backend pytorch_ddp or "
                              f"legacy_ddp (got {distributed.ddp_backend}); or train with "
                              "--bf16-autocast")
         if distributed.ddp_comm_hook != "none":
-            raise ValueError(f"--bf16-weights all-reduces the gradients in fp32 itself: "
+            raise UsageError(f"--bf16-weights all-reduces the gradients in fp32 itself: "
                              f"leave out --ddp-comm-hook {distributed.ddp_comm_hook}")
     if getattr(run_config(task_cfg, "optimization"), "use_bmuf", False):
-        raise ValueError("--bf16-weights cannot be used with --use-bmuf (BMUF averages "
+        raise UsageError("--bf16-weights cannot be used with --use-bmuf (BMUF averages "
                          "amt_adam's fp32 master weights, not the model's bf16 ones); train "
                          "with --bf16-autocast")
     if torch.cuda.is_available() and not common.cpu and not torch.cuda.is_bf16_supported():
-        raise ValueError("--bf16-weights needs a GPU with bf16 support (Ampere or newer); on "
+        raise UsageError("--bf16-weights needs a GPU with bf16 support (Ampere or newer); on "
                          "this one use --fp16 --fp16-no-flatten-grads")
