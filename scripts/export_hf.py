@@ -224,9 +224,13 @@ def export_hf(checkpoint: Path, out: Path, data: Path | None = None,
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    config = export_model(cfg, weights, partial)
-    kind = export_tokenizer(bpe_dir, dict_txt, config.vocab_size,
-                            config.max_position_embeddings - 2, partial)
+    try:
+        config = export_model(cfg, weights, partial)
+        kind = export_tokenizer(bpe_dir, dict_txt, config.vocab_size,
+                                config.max_position_embeddings - 2, partial)
+    except BaseException:
+        shutil.rmtree(partial)  # a refused export leaves nothing behind
+        raise
     (partial / "README.md").write_text(
         f"AMT predictor exported from {checkpoint.name} ({config.model_type}, "
         f"{config.num_hidden_layers} layers x {config.hidden_size}, {kind} tokenizer mapped "
