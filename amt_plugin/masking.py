@@ -50,6 +50,17 @@ def budget(n_units: Tensor, mask_prob: float) -> Tensor:
     return torch.minimum(k, n_units)
 
 
+def linear_schedule(start: float, end: float, step: int, first: int, last: int) -> float:
+    """`start` until update `first`, then linearly to `end` at update `last`, then `end`:
+    the masking rate decayed (Ankner et al., EACL 2024: 0.3 to 0.15) or the masker's random
+    share annealed."""
+    if last <= first or step >= last:
+        return end
+    if step <= first:
+        return start
+    return start + (end - start) * (step - first) / (last - first)
+
+
 def true_positions(flags: Tensor, count: int) -> Tensor:
     """`flags.nonzero().squeeze(1)` for a 1-D bool tensor whose number of True entries,
     `count`, the host already knows: the same indices in the same order, without reading

@@ -12,6 +12,10 @@ One forward, per batch of unmasked token blocks `tokens (B, T)`:
    same budget: `span` (SpanBERT-style geometric spans) and `frequency` (p ~ count^-a).
 3. Corruption 80/10/10 (<mask> / random token / unchanged) and the predictor's forward.
 
+Schedules (off by default): --mask-prob-start decays the masking rate linearly to --mask-prob
+over --schedule-updates, for every strategy; --masker-random-share-start anneals the masker's
+exploration share from the end of its warm-up to --masker-random-share.
+
 Objective (both players minimise their own loss; gradients never cross; the masker's side is
 in `amt_plugin/objectives.py`):
 
@@ -55,6 +59,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -125,6 +130,24 @@ class AdversarialMaskedLMCriterionConfig(FairseqDataclass):
     span_max_length: int = field(
         default=10, metadata={"help": "--masking-strategy span: longest span (units)"}
     )
+    mask_prob_start: Optional[float] = field(
+        default=None,
+        metadata={"help": "masking rate at the first update, decayed linearly to --mask-prob "
+                  "by --schedule-updates (Ankner et al., EACL 2024: 0.3 to 0.15); applies to "
+                  "every strategy. Default: --mask-prob throughout"},
+    )
+    masker_random_share_start: Optional[float] = field(
+        default=None,
+        metadata={"help": "--masker-random-share when the masker starts choosing (after "
+                  "--masker-warmup-updates), annealed linearly to --masker-random-share by "
+                  "--schedule-updates. Default: --masker-random-share throughout"},
+    )
+    schedule_updates: int = field(
+        default=0,
+        metadata={"help": "the update at which --mask-prob-start and "
+                  "--masker-random-share-start reach their final values (needed with "
+                  "either; usually --max-update)"},
+    )
     fixed_mask_prob: float = field(
         default=0.15,
         metadata={"help": "share of tokens the fixed validation mask scores; keep it equal "
@@ -155,6 +178,13 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
             raise UsageError(
                 f"--masker-random-share must be in [0, 1], got {cfg.masker_random_share}"
             )
+        for flag, start in (("--mask-prob-start", cfg.mask_prob_start),
+                            ("--masker-random-share-start", cfg.masker_random_share_start)):
+            if start is not None and not 0.0 <= start <= 1.0:
+                raise UsageError(f"{flag} must be in [0, 1], got {start}")
+            if start is not None and not cfg.schedule_updates > 0:
+                raise UsageError(f"{flag} needs --schedule-updates N: the update at which "
+                                 "the schedule ends (usually --max-update)")
         if cfg.masker_update_freq < 1:
             raise UsageError(f"--masker-update-freq must be >= 1, got {cfg.masker_update_freq}")
         if cfg.masker_warmup_updates < 0:
@@ -207,6 +237,24 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
     def masker_trains(self, update_num: int) -> bool:
         past = update_num - self.cfg.masker_warmup_updates
         return self.masker_chooses(update_num) and past % self.cfg.masker_update_freq == 0
+
+    def mask_prob(self, training: bool) -> float:
+        """This update's masking rate: --mask-prob, or its decay from --mask-prob-start.
+        Validation masks at the final rate."""
+        final, start = self.task_cfg.mask_prob, self.cfg.mask_prob_start
+        if start is None or not training:
+            return final
+        return masking.linear_schedule(start, final, self.num_updates, 0,
+                                       self.cfg.schedule_updates)
+
+    def random_share(self) -> float:
+        """The masker's exploration share this update (see --masker-random-share-start)."""
+        final, start = self.cfg.masker_random_share, self.cfg.masker_random_share_start
+        if start is None:
+            return final
+        return masking.linear_schedule(start, final, self.num_updates,
+                                       self.cfg.masker_warmup_updates,
+                                       self.cfg.schedule_updates)
 
     def groups_to_step(self, update_num: int) -> set[str]:
         """Parameter groups the optimizer steps after this update (see optimizer_step)."""
@@ -292,10 +340,10 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         # --- choose: which positions to mask (the masker, or a baseline) ---
         accuracy = self.type_accuracy(tokens.device) if self.strategy == "adaptive" else None
         choice = masking.choose(
-            tokens, self.special_ids, self.task_cfg.mask_prob,
+            tokens, self.special_ids, self.mask_prob(model.training),
             "learned" if chooses else "random" if self.learned else self.strategy, g,
             is_word_start=self.is_word_start if self.whole_words else None,
-            draw_masker=draw_masker, random_share=self.cfg.masker_random_share,
+            draw_masker=draw_masker, random_share=self.random_share(),
             counts=self.counts, frequency_exponent=self.cfg.frequency_exponent,
             type_weights=None if accuracy is None else masking.adaptive_weights(
                 accuracy, self.cfg.adaptive_floor),
@@ -339,9 +387,12 @@ class AdversarialMaskedLMCriterion(FairseqCriterion):
         logits (M, V)), like
         fairseq's masked_lm. M is the batch's budget, which the task counted on the host, when
         every unit is one token; whole words mask a number of pieces known only on the device,
-        read back by nonzero (a host-device sync)."""
+        read back by nonzero (a host-device sync), and so does a rate that --mask-prob-start
+        still decays (the task counted the budget at --mask-prob)."""
         mask = choice.mask
-        budget_total = sample.get("mask_budget") if choice.starts is None else None
+        at_task_rate = self.mask_prob(model.training) == self.task_cfg.mask_prob
+        budget_total = (sample.get("mask_budget") if choice.starts is None and at_task_rate
+                        else None)
         if budget_total is not None:
             flat = masking.true_positions(mask.flatten(), budget_total)
         else:

@@ -94,3 +94,19 @@ def test_a_finished_run_started_again_trains_nothing(zipf_data, tmp_path):
     assert "this run has finished: 3 updates of --max-update 3" in again.stdout
     assert json_logs(again.stdout, "train_inner") == []
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in save.iterdir()} == files
+
+
+def test_a_missing_last_checkpoint_beside_interval_ones_resumes_from_the_newest(zipf_data,
+                                                                                 tmp_path):
+    """A run killed during its first save's copy has checkpoint_1_N.pt but no
+    checkpoint_last.pt: it resumes from there, not from scratch."""
+    save = tmp_path / "ckpt"
+    train(zipf_data, save, "--max-update", "4", *SAVE)
+    (save / "checkpoint_last.pt").unlink()
+    (save / "checkpoint_best.pt").unlink()
+    (save / "checkpoint_1_4.pt.tmp").write_bytes(b"half a checkpoint")  # a killed write
+    proc = run(train_args(zipf_data, save, "--max-update", "6", *SAVE))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"is missing but {save / 'checkpoint_1_4.pt'} is there" in proc.stdout
+    assert [int(e["num_updates"]) for e in json_logs(proc.stdout, "train_inner")] == [5, 6]
+    assert not (save / "checkpoint_1_4.pt.tmp").exists()

@@ -190,3 +190,13 @@ def test_adaptive_masking_trains_and_resumes_with_its_statistics(zipf_data, tmp_
     resumed = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
     assert not torch.equal(resumed["extra_state"]["AdversarialMaskedLMTask"]["type_accuracy"],
                            acc)  # it went on learning from where it was
+
+
+def test_the_masking_rate_decays_over_the_schedule_in_training(zipf_data, tmp_path):
+    proc = train(zipf_data, tmp_path / "ck", "--max-update", "8", "--log-interval", "1",
+                 "--masking-strategy", "random", "--mask-prob-start", "0.3",
+                 "--schedule-updates", "6", "--no-save")
+    shares = [float(e["masked_share"]) for e in json_logs(proc.stdout, "train_inner")]
+    assert len(shares) == 8
+    assert 0.27 < shares[0] < 0.33 and all(0.14 < s < 0.16 for s in shares[6:])
+    assert all(a >= b for a, b in zip(shares[:7], shares[1:7]))  # it falls, never rises
